@@ -1,0 +1,254 @@
+"""Will this module load on that kernel?  The module loader's rules, as data.
+
+Follows kernel/module/main.c and kernel/module/version.c of Linux 6.1-6.12:
+``check_modinfo`` (vermagic), ``check_modstruct_version`` (module_layout),
+``simplify_symbols`` -> ``resolve_symbol`` (find_symbol with the module's
+GPL-compatibility, ``check_version``, ``verify_namespace_is_imported``).
+Unlike the loader, which stops at the first problem, every reason is listed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from kmodgate.abi.model import Export, ExportType, KernelABI, ModuleInfo
+
+# license_is_gpl_compatible() in include/linux/license.h.
+GPL_COMPATIBLE_LICENSES = frozenset(
+    {
+        "GPL",
+        "GPL v2",
+        "GPL and additional rights",
+        "Dual BSD/GPL",
+        "Dual MIT/GPL",
+        "Dual MPL/GPL",
+    }
+)
+
+# The symbol check_modstruct_version() checks first: its CRC covers struct
+# module itself, so a mismatch means the module cannot load on this kernel at all.
+MODULE_LAYOUT = "module_layout"
+
+
+class Outcome(StrEnum):
+    PASS = "pass"
+    FAIL = "fail"
+    ERROR = "error"
+    SKIP = "skip"
+
+
+class ReasonCode(StrEnum):
+    MODULE_LAYOUT = "module_layout_mismatch"
+    VERMAGIC = "vermagic_mismatch"
+    NO_VERMAGIC = "no_vermagic"
+    MACHINE = "machine_mismatch"
+    MISSING_SYMBOL = "missing_symbol"
+    CRC_MISMATCH = "crc_mismatch"
+    NO_VERSIONS = "no_symbol_versions"
+    NAMESPACE = "namespace_not_imported"
+    GPL_ONLY = "gpl_only_symbol"
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    code: ReasonCode
+    message: str
+    symbol: str | None = None
+    required_crc: int | None = None
+    provided_crc: int | None = None
+    provider: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"code": self.code.value, "message": self.message}
+        if self.symbol is not None:
+            out["symbol"] = self.symbol
+        if self.required_crc is not None:
+            out["required_crc"] = f"0x{self.required_crc:08x}"
+        if self.provided_crc is not None:
+            out["provided_crc"] = f"0x{self.provided_crc:08x}"
+        if self.provider is not None:
+            out["provider"] = self.provider
+        return out
+
+
+@dataclass(slots=True)
+class Verdict:
+    module: ModuleInfo
+    kernel: KernelABI
+    reasons: list[Reason] = field(default_factory=list)
+    needs_modules: list[str] = field(default_factory=list)  # providers modprobe loads first
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome.FAIL if self.reasons else Outcome.PASS
+
+
+def is_gpl_compatible(license_text: str | None) -> bool:
+    return license_text in GPL_COMPATIBLE_LICENSES
+
+
+def companion_exports(companions: Iterable[ModuleInfo]) -> dict[str, Export]:
+    """Exports of modules checked together (e.g. a DKMS package's several .ko)."""
+    out: dict[str, Export] = {}
+    for module in companions:
+        for e in module.exports:
+            out[e.symbol] = Export(e.symbol, e.crc, module.name, e.export_type, e.namespace)
+    return out
+
+
+def check_module(
+    module: ModuleInfo, kernel: KernelABI, extra_exports: dict[str, Export] | None = None
+) -> Verdict:
+    """The loader's verdict on *module* for *kernel*, with every reason it would refuse.
+
+    *extra_exports* are symbols from modules checked together with this one;
+    the kernel's own exports (vmlinux and its in-tree modules, which depmod
+    and modprobe load first) are always available.
+    """
+    verdict = Verdict(module, kernel)
+    reasons = verdict.reasons
+    if module.machine and kernel.machine and module.machine != kernel.machine:
+        reasons.append(
+            Reason(
+                ReasonCode.MACHINE,
+                f"module is built for {module.machine}, the kernel is {kernel.machine}",
+            )
+        )
+    versions = module.versions
+    has_crcs = kernel.modversions and versions is not None
+    _check_vermagic(module, kernel, has_crcs, reasons)
+
+    layout = kernel.exports.get(MODULE_LAYOUT)
+    if versions is not None and layout is not None and layout.crc is not None:
+        required = versions.get(MODULE_LAYOUT)
+        if required is not None and required != layout.crc:
+            reasons.append(
+                Reason(
+                    ReasonCode.MODULE_LAYOUT,
+                    f"disagrees about version of symbol {MODULE_LAYOUT} "
+                    f"(module 0x{required:08x}, kernel 0x{layout.crc:08x}): the module was "
+                    "built for another kernel ABI and cannot load on this kernel at all",
+                    MODULE_LAYOUT,
+                    required,
+                    layout.crc,
+                    "vmlinux",
+                )
+            )
+
+    gplok = is_gpl_compatible(module.license)
+    imported = set(module.import_ns)
+    needs: set[str] = set()
+    for symbol in module.undefined:
+        # The kernel's own exports win: the loader refuses a module that exports
+        # a symbol the kernel already has, so a companion cannot shadow one.
+        export = kernel.exports.get(symbol) or (extra_exports or {}).get(symbol)
+        if export is None:
+            reasons.append(
+                Reason(
+                    ReasonCode.MISSING_SYMBOL,
+                    f"Unknown symbol {symbol}: no kernel or module export provides it",
+                    symbol,
+                    versions.get(symbol) if versions else None,
+                )
+            )
+            continue
+        if export.export_type is ExportType.GPL and not gplok:
+            reasons.append(
+                Reason(
+                    ReasonCode.GPL_ONLY,
+                    f"Unknown symbol {symbol}: it is exported GPL-only and the module's "
+                    f"license {module.license or 'unspecified'!r} is not GPL-compatible",
+                    symbol,
+                    provider=export.provider,
+                )
+            )
+            continue
+        _check_crc(symbol, export, versions, kernel, reasons)
+        if export.namespace and export.namespace not in imported:
+            reasons.append(
+                Reason(
+                    ReasonCode.NAMESPACE,
+                    f"module uses symbol {symbol} from namespace {export.namespace}, "
+                    "but does not import it",
+                    symbol,
+                    provider=export.provider,
+                )
+            )
+        if export.provider_module and export.provider_module != module.name:
+            needs.add(export.provider_module)
+    verdict.needs_modules = sorted(needs)
+    return verdict
+
+
+def _check_vermagic(
+    module: ModuleInfo, kernel: KernelABI, has_crcs: bool, reasons: list[Reason]
+) -> None:
+    modmagic = module.vermagic
+    if modmagic is None:
+        reasons.append(
+            Reason(ReasonCode.NO_VERMAGIC, "no vermagic in .modinfo: the loader refuses it")
+        )
+        return
+    if kernel.vermagic is None:
+        return
+    if not _same_magic(modmagic, kernel.vermagic, has_crcs):
+        reasons.append(
+            Reason(
+                ReasonCode.VERMAGIC,
+                f"version magic {modmagic!r} should be {kernel.vermagic!r}",
+            )
+        )
+
+
+def _same_magic(amagic: str, bmagic: str, has_crcs: bool) -> bool:
+    """same_magic() in kernel/module/main.c: with CRCs the release part is not compared."""
+    if has_crcs:
+        amagic = amagic[_first_space(amagic) :]
+        bmagic = bmagic[_first_space(bmagic) :]
+    return amagic == bmagic
+
+
+def _first_space(text: str) -> int:
+    pos = text.find(" ")
+    return len(text) if pos < 0 else pos
+
+
+def _check_crc(
+    symbol: str,
+    export: Export,
+    versions: dict[str, int] | None,
+    kernel: KernelABI,
+    reasons: list[Reason],
+) -> None:
+    """check_version(): only a symbol the exporter gave a CRC for is checked."""
+    if not kernel.modversions or export.crc is None or symbol == MODULE_LAYOUT:
+        return
+    if versions is None:
+        # No __versions at all: only a forced load (CONFIG_MODULE_FORCE_LOAD) passes.
+        if not kernel.force_load:
+            reasons.append(
+                Reason(
+                    ReasonCode.NO_VERSIONS,
+                    f"module has no symbol versions for {symbol} and the kernel cannot "
+                    "force-load it (no CONFIG_MODULE_FORCE_LOAD)",
+                    symbol,
+                )
+            )
+        return
+    required = versions.get(symbol)
+    if required is None:
+        return  # "no symbol version for X": the loader warns once and lets it go
+    if required != export.crc:
+        reasons.append(
+            Reason(
+                ReasonCode.CRC_MISMATCH,
+                f"disagrees about version of symbol {symbol} "
+                f"(module 0x{required:08x}, kernel 0x{export.crc:08x})",
+                symbol,
+                required,
+                export.crc,
+                export.provider,
+            )
+        )

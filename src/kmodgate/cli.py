@@ -1,0 +1,259 @@
+"""The kmodgate command: parse, call the library, render, choose the exit code.
+
+Exit codes: 0 every check passed, 1 something failed its check, 2 user error
+(bad input), 3 infrastructure error.  Nothing below this module prints or exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kmodgate import __version__
+from kmodgate.abi.compare import Outcome, Verdict, check_module, companion_exports
+from kmodgate.abi.diff import Change, diff_kernels
+from kmodgate.abi.model import ModuleInfo
+from kmodgate.abi.stablelist import parse_stablelist
+from kmodgate.errors import EXIT_FAIL, EXIT_INFRA_ERROR, EXIT_PASS, KmodgateError, UserError
+from kmodgate.report import diff_json, kernel_json, module_json, verdict_json
+
+app = typer.Typer(
+    help="Gate kernel updates on the out-of-tree modules people depend on.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+inspect_app = typer.Typer(help="Show what kmodgate reads from kernels and modules.",
+                          no_args_is_help=True)
+app.add_typer(inspect_app, name="inspect")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+JobsOpt = Annotated[
+    int | None, typer.Option("--jobs", "-j", help="Parallel workers (default: every core).")
+]
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    if version:
+        out.print(f"kmodgate {__version__}")
+        raise typer.Exit(EXIT_PASS)
+
+
+@app.command("kernels")
+def kernels_cmd(
+    available: Annotated[
+        bool, typer.Option("--available", help="List the kernel builds the archive offers.")
+    ] = False,
+    flavour: Annotated[
+        str | None, typer.Option("--flavour", help="Only this flavour, e.g. amd64, cloud-amd64.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List kernel builds: with --available, those the host's apt sources offer."""
+    from kmodgate.sources import debian
+
+    if not available:
+        raise UserError("nothing to list yet: use --available")
+    releases = debian.available_kernel_releases(flavour)
+    if as_json:
+        emit_json({"kernels": [{"ref": f"debian:{r}", "release": r} for r in releases]})
+        return
+    for r in releases:
+        out.print(f"debian:{r}")
+
+
+@inspect_app.command("module")
+def inspect_module(
+    refs: Annotated[list[str], typer.Argument(help="Module references (.ko, dir, .deb, .rpm, "
+                                                   "debian-image:<release>).")],
+    as_json: JsonOpt = False,
+    jobs: JobsOpt = None,
+) -> None:
+    """What the module loader reads from each module: modinfo, __versions, exports."""
+    from kmodgate.sources.modules import load_modules
+
+    modules = load_modules(refs, jobs=jobs)
+    if as_json:
+        emit_json({"modules": [module_json(m) for m in modules]})
+        return
+    table = Table("module", "vermagic", "license", "depends", "versions", "exports", "undefined")
+    for m in modules:
+        table.add_row(
+            m.name, m.vermagic or "-", m.license or "-", ",".join(m.depends) or "-",
+            "-" if m.versions is None else str(len(m.versions)), str(len(m.exports)),
+            str(len(m.undefined)),
+        )
+    out.print(table)
+
+
+@inspect_app.command("kernel")
+def inspect_kernel(
+    refs: Annotated[list[str], typer.Argument(help="Kernel references (debian:<release>, "
+                                                   "Module.symvers, headers tree, .deb, .rpm).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """What a kernel build offers modules: release, vermagic, exports."""
+    from kmodgate.sources.kernels import load_kernel
+
+    kernels = [load_kernel(r) for r in refs]
+    if as_json:
+        emit_json({"kernels": [kernel_json(k) for k in kernels]})
+        return
+    table = Table("kernel", "vermagic", "exports", "GPL-only", "compiler")
+    for k in kernels:
+        data = kernel_json(k)
+        table.add_row(k.release, k.vermagic or "-", str(data["exports"]),
+                      str(data["exports_gpl"]), k.cc_version_text or "-")
+    out.print(table)
+
+
+@app.command("check")
+def check_cmd(
+    kernel_refs: Annotated[list[str], typer.Option("--kernel", "-k", help="Kernel reference; "
+                                                   "repeat for several.")],
+    module_refs: Annotated[list[str], typer.Option("--module", "-m", help="Module reference; "
+                                                   "repeat for several.")],
+    kind: Annotated[str, typer.Option("--kind", help="Check kind.")] = "abi",
+    as_json: JsonOpt = False,
+    jobs: JobsOpt = None,
+) -> None:
+    """Check every module against every kernel; exit 1 if any fails."""
+    from kmodgate.sources.kernels import load_kernel
+    from kmodgate.sources.modules import load_module_ref
+
+    if kind != "abi":
+        raise UserError(f"unknown check kind {kind!r}: this version knows 'abi'")
+    kernels = [load_kernel(r) for r in kernel_refs]
+    verdicts: list[Verdict] = []
+    groups = [load_module_ref(r, jobs=jobs) for r in module_refs]
+    for kernel in kernels:
+        for group in groups:
+            # Modules named by one reference are loaded together (a package's
+            # several .ko files), so they may use each other's exports.
+            extra = companion_exports(group)
+            verdicts.extend(check_module(m, kernel, extra) for m in group)
+    failed = any(v.outcome is Outcome.FAIL for v in verdicts)
+    if as_json:
+        emit_json({
+            "results": [verdict_json(v) for v in verdicts],
+            "summary": dict(Counter(v.outcome.value for v in verdicts)),
+        })
+    else:
+        render_verdicts(verdicts)
+    raise typer.Exit(EXIT_FAIL if failed else EXIT_PASS)
+
+
+# Past this many rows a table stops being read: show failures and a summary.
+MAX_TABLE_ROWS = 60
+
+
+def render_verdicts(verdicts: list[Verdict]) -> None:
+    shown = verdicts if len(verdicts) <= MAX_TABLE_ROWS else [
+        v for v in verdicts if v.outcome is not Outcome.PASS
+    ][:MAX_TABLE_ROWS]
+    if shown:
+        table = Table("module", "kernel", "outcome", "reasons")
+        for v in shown:
+            colour = "green" if v.outcome is Outcome.PASS else "red"
+            reasons = "\n".join(r.message for r in v.reasons[:5])
+            if len(v.reasons) > 5:
+                reasons += f"\n… and {len(v.reasons) - 5} more"
+            table.add_row(v.module.name, v.kernel.release,
+                          f"[{colour}]{v.outcome.value}[/]", reasons or "")
+        out.print(table)
+    by_kernel: dict[str, Counter[str]] = {}
+    for v in verdicts:
+        by_kernel.setdefault(v.kernel.release, Counter())[v.outcome.value] += 1
+    for release, counts in by_kernel.items():
+        total = sum(counts.values())
+        out.print(f"{release}: {counts['pass']} of {total} modules pass, "
+                  f"{counts['fail']} fail")
+
+
+@app.command("diff")
+def diff_cmd(
+    old_ref: Annotated[str, typer.Argument(metavar="OLD", help="The kernel built for.")],
+    new_ref: Annotated[str, typer.Argument(metavar="NEW", help="The kernel to move to.")],
+    module_refs: Annotated[list[str] | None, typer.Option("--module", "-m",
+                           help="Show the impact on these modules.")] = None,
+    stablelist: Annotated[Path | None, typer.Option("--stablelist",
+                          help="RHEL kabi_stablelist file: exit 1 if a listed symbol "
+                               "changed.")] = None,
+    as_json: JsonOpt = False,
+    jobs: JobsOpt = None,
+) -> None:
+    """What changed in the exported ABI between two kernels, and whom it breaks."""
+    from kmodgate.sources.kernels import load_kernel, read_file
+    from kmodgate.sources.modules import load_modules
+
+    old, new = load_kernel(old_ref), load_kernel(new_ref)
+    modules: list[ModuleInfo] = load_modules(module_refs or [], jobs=jobs)
+    listed = None
+    if stablelist is not None:
+        listed = parse_stablelist(read_file(stablelist).decode("utf-8", "replace"),
+                                  str(stablelist))
+    d = diff_kernels(old, new, modules, listed)
+    broken = [new_v for old_v, new_v, _ in d.impact
+              if old_v.outcome is Outcome.PASS and new_v.outcome is Outcome.FAIL]
+    failed = bool(d.stablelisted) or bool(broken)
+    if as_json:
+        emit_json(diff_json(d))
+        raise typer.Exit(EXIT_FAIL if failed else EXIT_PASS)
+    counts = d.counts()
+    out.print(f"{old.release} -> {new.release}: " + ", ".join(
+        f"{n} {c.value.replace('_', ' ')}" for c in Change if (n := counts[c.value])
+    ) or "no ABI changes")
+    if d.impact:
+        table = Table("module", f"on {old.release}", f"on {new.release}", "changed symbols used")
+        for old_v, new_v, breaking in d.impact:
+            table.add_row(new_v.module.name, old_v.outcome.value, new_v.outcome.value,
+                          ", ".join(breaking[:8]) + (" …" if len(breaking) > 8 else ""))
+        out.print(table)
+    if listed is not None:
+        if d.stablelisted:
+            out.print(f"[red]{len(d.stablelisted)} stablelisted symbols changed:[/]")
+            for c in d.stablelisted:
+                out.print(f"  {c.symbol}: {', '.join(x.value for x in c.changes)}")
+        else:
+            out.print("[green]no stablelisted symbol changed[/]")
+    raise typer.Exit(EXIT_FAIL if failed else EXIT_PASS)
+
+
+def main() -> None:
+    """Entry point: turn kmodgate's errors into one line and an exit code."""
+    try:
+        app()
+    except KmodgateError as exc:
+        err.print(f"kmodgate: error: {exc}", markup=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("kmodgate: interrupted")
+        sys.exit(130)
+    except Exception as exc:  # a bug: still one line, unless asked for the traceback
+        if os.environ.get("KMODGATE_DEBUG"):
+            raise
+        err.print(f"kmodgate: internal error: {type(exc).__name__}: {exc} "
+                  "(set KMODGATE_DEBUG=1 for the traceback)", markup=False, soft_wrap=True)
+        sys.exit(EXIT_INFRA_ERROR)
+
+
+if __name__ == "__main__":
+    main()

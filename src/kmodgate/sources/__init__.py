@@ -1,0 +1,1 @@
+"""Getting artifacts: kernels and modules from the Debian archive, RPMs, files."""

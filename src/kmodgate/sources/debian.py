@@ -1,0 +1,189 @@
+"""The Debian archive, through the host's own apt: discover, download, unpack.
+
+Nothing here names a mirror: ``apt-get download`` fetches from whatever the
+host's sources list says, as the user it runs as (no root needed).  Packages
+are unpacked with ``dpkg-deb -x`` into the cache, never installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from debian.deb822 import Deb822, PkgRelation
+from debian.debian_support import Version
+
+from kmodgate.cache import cache_subdir, staging_dir
+from kmodgate.errors import InfraError, UserError
+
+# A kernel release as Debian names its packages: "6.1.0-56-amd64",
+# "6.12.117+deb12-cloud-amd64".  Meta-packages ("6.12-amd64", "amd64") have
+# no three-part version and are not kernel builds.
+RELEASE_RE = re.compile(r"^\d+\.\d+\.\d+[^\s/]*$")
+COMMON_SUFFIXES = ("-common", "-common-rt")
+
+HEADERS_PREFIX = "linux-headers-"
+IMAGE_PREFIXES = ("linux-image-{release}", "linux-image-{release}-unsigned")
+
+
+@dataclass(frozen=True, slots=True)
+class AptPackage:
+    name: str
+    version: str
+    depends: list[str]
+    filename: str
+
+
+def _run(cmd: list[str], what: str, *, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            cmd, cwd=cwd, capture_output=True, text=True, check=False,
+            env={"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
+    except FileNotFoundError:
+        raise InfraError(f"{cmd[0]} is not installed; it is needed to {what}") from None
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def available_kernel_releases(flavour: str | None = None) -> list[str]:
+    """Kernel releases the host's apt sources offer headers for, oldest first."""
+    proc = _run(["apt-cache", "search", "--names-only", f"^{HEADERS_PREFIX}"],
+                "list the kernels the archive offers")
+    if proc.returncode != 0:
+        raise InfraError(f"apt-cache search failed: {_last_line(proc.stderr)}")
+    releases = []
+    for line in proc.stdout.splitlines():
+        name = line.split(" ", 1)[0]
+        release = name[len(HEADERS_PREFIX):]
+        if not RELEASE_RE.match(release) or release.endswith(COMMON_SUFFIXES):
+            continue
+        if flavour and not release.endswith("-" + flavour):
+            continue
+        releases.append(release)
+    return sorted(set(releases), key=release_sort_key)
+
+
+def release_sort_key(release: str) -> tuple[Version, str]:
+    """Order releases as their ABI versions order: 6.1.0-9 < 6.1.0-47 < 6.12.107+deb12."""
+    m = re.match(r"^(\d+\.\d+\.\d+(?:-\d+)?(?:\+\w+)?)-?(.*)$", release)
+    if m:
+        return Version(m.group(1)), m.group(2)
+    return Version("0"), release
+
+
+def package_info(name: str) -> AptPackage | None:
+    """The candidate version of *name* in the host's apt sources, or None if unknown."""
+    proc = _run(["apt-cache", "show", "--no-all-versions", name], f"look up {name}")
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return None
+    fields = Deb822(proc.stdout)
+    depends = [alt[0]["name"] for alt in PkgRelation.parse_relations(fields.get("Depends", ""))]
+    return AptPackage(fields["Package"], fields["Version"], depends, fields.get("Filename", ""))
+
+
+def download(name: str) -> Path:
+    """The .deb of *name*'s candidate version, from the cache or through apt-get download."""
+    debs = cache_subdir("debs")
+    info = package_info(name)
+    if info is None:
+        cached = sorted(debs.glob(f"{name}_*.deb"))
+        if cached:
+            return cached[-1]  # offline, or the archive dropped it: use what we have
+        raise UserError(f"no package {name} in the host's apt sources")
+    # apt-get download names files <name>_<version without epoch>_<arch>.deb
+    # and escapes ':' as %3a.
+    version = info.version.split(":", 1)[-1]
+    existing = [p for p in debs.glob(f"{name}_*.deb") if p.name.split("_")[1] == version]
+    if existing:
+        return existing[0]
+    with staging_dir(debs / f".dl-{name}") as tmp:
+        proc = _run(["apt-get", "download", f"{name}={info.version}"],
+                    f"download {name}", cwd=tmp)
+        if proc.returncode != 0:
+            raise InfraError(f"apt-get download {name} failed: {_last_line(proc.stderr)}")
+        got = list(tmp.glob("*.deb"))
+        if len(got) != 1:
+            raise InfraError(f"apt-get download {name} produced {len(got)} files")
+        target = debs / got[0].name
+        got[0].replace(target)
+    return target
+
+
+def unpack(deb: Path) -> Path:
+    """*deb*'s files under a cache directory keyed by the package's content."""
+    digest = file_sha256(deb)
+    final = cache_subdir("unpacked") / digest[:24]
+    if final.exists():
+        return final
+    with staging_dir(final) as tmp:
+        proc = _run(["dpkg-deb", "-x", str(deb), str(tmp)], f"unpack {deb.name}")
+        if proc.returncode != 0:
+            raise UserError(
+                f"not a valid Debian package: {_last_line(proc.stderr)}", where=deb
+            )
+    return final
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def headers_package(release: str) -> str:
+    if not RELEASE_RE.match(release):
+        raise UserError(
+            f"unknown kernel release {release!r}: expected a Debian kernel release such as "
+            "6.1.0-56-amd64 (see `kmodgate kernels --available`)"
+        )
+    name = HEADERS_PREFIX + release
+    return name
+
+
+def fetch_headers(release: str) -> Path:
+    """The unpacked flavour headers package of *release* (Module.symvers, .config)."""
+    name = headers_package(release)
+    if package_info(name) is None and not list(cache_subdir("debs").glob(f"{name}_*.deb")):
+        raise UserError(
+            f"unknown Debian kernel release {release!r}: no package {name} in the host's "
+            "apt sources (see `kmodgate kernels --available`)"
+        )
+    return unpack(download(name))
+
+
+def fetch_build_tree(release: str) -> list[Path]:
+    """Unpacked roots of everything an out-of-tree build needs for *release*:
+    the flavour headers and the packages they depend on from the same source
+    (the -common headers and linux-kbuild), found through the package's own
+    Depends rather than by guessing names."""
+    name = headers_package(release)
+    info = package_info(name)
+    if info is None:
+        raise UserError(f"unknown Debian kernel release {release!r}: no package {name}")
+    roots = [unpack(download(name))]
+    for dep in info.depends:
+        if dep.startswith(("linux-headers-", "linux-kbuild-")):
+            roots.append(unpack(download(dep)))
+    return roots
+
+
+def fetch_image(release: str) -> Path:
+    """The unpacked linux-image package of *release* (the kernel and its modules)."""
+    headers_package(release)  # validates the release's shape
+    for pattern in IMAGE_PREFIXES:
+        name = pattern.format(release=release)
+        if package_info(name) is not None or list(cache_subdir("debs").glob(f"{name}_*.deb")):
+            return unpack(download(name))
+    raise UserError(
+        f"unknown Debian kernel release {release!r}: no linux-image package for it in the "
+        "host's apt sources (see `kmodgate kernels --available`)"
+    )
