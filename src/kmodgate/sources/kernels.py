@@ -23,7 +23,7 @@ from kmodgate.abi.kconfig import (
 from kmodgate.abi.model import KernelABI
 from kmodgate.abi.symvers import parse_symvers
 from kmodgate.errors import UserError
-from kmodgate.sources import debian
+from kmodgate.sources import debian, rpm
 
 DEBIAN_PREFIX = "debian:"
 _UTS_RELEASE_RE = re.compile(r'#define\s+UTS_RELEASE\s+"([^"]+)"')
@@ -60,8 +60,6 @@ def load_kernel(ref: str) -> KernelABI:
     if path.suffix == ".deb":
         return kernel_from_directory(debian.unpack(path), origin=ref)
     if path.suffix == ".rpm":
-        from kmodgate.sources import rpm
-
         return rpm.kernel_from_rpm(path)
     return kernel_from_symvers_file(path)
 

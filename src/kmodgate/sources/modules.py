@@ -26,7 +26,7 @@ from kmodgate.abi.elf import read_module
 from kmodgate.abi.model import ExportType, ModuleExport, ModuleInfo
 from kmodgate.cache import atomic_write_bytes, cache_subdir
 from kmodgate.errors import UserError
-from kmodgate.sources import debian
+from kmodgate.sources import debian, rpm
 from kmodgate.sources.kernels import read_file
 
 DEBIAN_IMAGE_PREFIX = "debian-image:"
@@ -70,8 +70,6 @@ def load_module_ref(ref: str, *, jobs: int | None = None) -> list[ModuleInfo]:
             raise UserError("the package contains no kernel modules", where=ref)
         return modules
     if path.suffix == ".rpm":
-        from kmodgate.sources import rpm
-
         return rpm.modules_from_rpm(path)
     return [read_module_file(path)]
 
