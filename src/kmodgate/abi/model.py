@@ -80,6 +80,9 @@ class ModuleInfo:
     undefined: list[str]  # symbols the loader must resolve
     weak_undefined: list[str] = field(default_factory=list)
     sha256: str | None = None
+    # "elf" for a real .ko; "rpm-requires" when only a kmod RPM's
+    # Requires: kernel(sym) = CRC are known (no .modinfo, so no vermagic to check).
+    origin_kind: str = "elf"
 
     def modinfo_values(self, key: str) -> list[str]:
         return [v for k, v in self.modinfo if k == key]

@@ -1,0 +1,35 @@
+"""Shared test set-up: one download cache for the whole run, tool requirements."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# Downloads (kernel packages from the archive) are shared by every test of a run
+# and kept between runs; tests never hard-code a mirror, apt decides.
+TEST_CACHE = Path(os.environ.get("KMODGATE_TEST_CACHE", REPO / ".cache" / "kmodgate"))
+os.environ["KMODGATE_CACHE_DIR"] = str(TEST_CACHE)
+TEST_CACHE.mkdir(parents=True, exist_ok=True)
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; a test without it skips with the reason, but never in CI,
+    where .ci/run installs every tool and a missing one is a failure."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (scripts/apt-packages.txt lists it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    return TEST_CACHE
