@@ -20,7 +20,7 @@ from rich.table import Table
 from kmodgate import __version__
 from kmodgate.abi.compare import Outcome, Verdict, check_module, companion_exports
 from kmodgate.abi.diff import Change, diff_kernels
-from kmodgate.abi.model import ModuleInfo
+from kmodgate.abi.model import KernelABI, ModuleInfo
 from kmodgate.abi.stablelist import parse_stablelist
 from kmodgate.errors import EXIT_FAIL, EXIT_INFRA_ERROR, EXIT_PASS, KmodgateError, UserError
 from kmodgate.report import diff_json, kernel_json, module_json, verdict_json
@@ -142,14 +142,15 @@ def check_cmd(
     if kind != "abi":
         raise UserError(f"unknown check kind {kind!r}: this version knows 'abi'")
     kernels = [load_kernel(r) for r in kernel_refs]
-    verdicts: list[Verdict] = []
-    groups = [load_module_ref(r, jobs=jobs) for r in module_refs]
+    groups = [(r, load_module_ref(r, jobs=jobs)) for r in module_refs]
+    cells: list[tuple[str, KernelABI, list[Verdict]]] = []
     for kernel in kernels:
-        for group in groups:
+        for ref, group in groups:
             # Modules named by one reference are loaded together (a package's
             # several .ko files), so they may use each other's exports.
             extra = companion_exports(group)
-            verdicts.extend(check_module(m, kernel, extra) for m in group)
+            cells.append((ref, kernel, [check_module(m, kernel, extra) for m in group]))
+    verdicts = [v for _, _, vs in cells for v in vs]
     failed = any(v.outcome is Outcome.FAIL for v in verdicts)
     if as_json:
         emit_json({
@@ -158,34 +159,44 @@ def check_cmd(
         })
     else:
         render_verdicts(verdicts)
+        for ref, kernel, vs in cells:
+            out.print(survival_line(ref, kernel, vs))
     raise typer.Exit(EXIT_FAIL if failed else EXIT_PASS)
 
 
 # Past this many rows a table stops being read: show failures and a summary.
-MAX_TABLE_ROWS = 60
+MAX_TABLE_ROWS = 40
 
 
 def render_verdicts(verdicts: list[Verdict]) -> None:
     shown = verdicts if len(verdicts) <= MAX_TABLE_ROWS else [
         v for v in verdicts if v.outcome is not Outcome.PASS
     ][:MAX_TABLE_ROWS]
-    if shown:
-        table = Table("module", "kernel", "outcome", "reasons")
-        for v in shown:
-            colour = "green" if v.outcome is Outcome.PASS else "red"
-            reasons = "\n".join(r.message for r in v.reasons[:5])
-            if len(v.reasons) > 5:
-                reasons += f"\n… and {len(v.reasons) - 5} more"
-            table.add_row(v.module.name, v.kernel.release,
-                          f"[{colour}]{v.outcome.value}[/]", reasons or "")
-        out.print(table)
-    by_kernel: dict[str, Counter[str]] = {}
-    for v in verdicts:
-        by_kernel.setdefault(v.kernel.release, Counter())[v.outcome.value] += 1
-    for release, counts in by_kernel.items():
-        total = sum(counts.values())
-        out.print(f"{release}: {counts['pass']} of {total} modules pass, "
-                  f"{counts['fail']} fail")
+    if not shown:
+        return
+    table = Table("module", "kernel", "outcome", "reasons")
+    for v in shown:
+        colour = "green" if v.outcome is Outcome.PASS else "red"
+        reasons = "\n".join(r.message for r in v.reasons[:3])
+        if len(v.reasons) > 3:
+            reasons += f"\n… and {len(v.reasons) - 3} more"
+        table.add_row(v.module.name, v.kernel.release, f"[{colour}]{v.outcome.value}[/]", reasons)
+    out.print(table)
+    hidden = sum(1 for v in verdicts if v.outcome is not Outcome.PASS) - len(
+        [v for v in shown if v.outcome is not Outcome.PASS])
+    if hidden > 0:
+        out.print(f"… {hidden} more failing results (use --json for all)")
+
+
+def survival_line(ref: str, kernel: KernelABI, verdicts: list[Verdict]) -> str:
+    """"Of N modules from REF, M load on KERNEL", and the commonest reason if not all."""
+    passed = sum(1 for v in verdicts if v.outcome is Outcome.PASS)
+    line = f"{ref} on {kernel.release}: {passed} of {len(verdicts)} modules load"
+    codes = Counter(v.reasons[0].code.value for v in verdicts if v.reasons)
+    if codes:
+        code, n = codes.most_common(1)[0]
+        line += f" ({n} refused first for {code.replace('_', ' ')})"
+    return line
 
 
 @app.command("diff")
