@@ -9,7 +9,7 @@ Unlike the loader, which stops at the first problem, every reason is listed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -51,14 +51,57 @@ class ReasonCode(StrEnum):
     GPL_ONLY = "gpl_only_symbol"
 
 
-@dataclass(frozen=True, slots=True)
+def _crc(value: int | None) -> str:
+    return "?" if value is None else f"0x{value:08x}"
+
+
+# One message template per reason, in the loader's own words where it has some.
+# Rendering is deferred: a whole image checked against another ABI yields
+# ~100,000 reasons, and most are only counted, never printed.
+_MESSAGES: dict[ReasonCode, Callable[[Reason], str]] = {
+    ReasonCode.MODULE_LAYOUT: lambda r: (
+        f"disagrees about version of symbol {MODULE_LAYOUT} (module {_crc(r.required_crc)}, "
+        f"kernel {_crc(r.provided_crc)}): the module was built for another kernel ABI and "
+        "cannot load on this kernel at all"
+    ),
+    ReasonCode.CRC_MISMATCH: lambda r: (
+        f"disagrees about version of symbol {r.symbol} (module {_crc(r.required_crc)}, "
+        f"kernel {_crc(r.provided_crc)})"
+    ),
+    ReasonCode.MISSING_SYMBOL: lambda r: (
+        f"Unknown symbol {r.symbol}: no kernel or module export provides it"
+    ),
+    ReasonCode.GPL_ONLY: lambda r: (
+        f"Unknown symbol {r.symbol}: it is exported GPL-only and the module's license "
+        f"{r.detail or 'unspecified'!r} is not GPL-compatible"
+    ),
+    ReasonCode.NAMESPACE: lambda r: (
+        f"module uses symbol {r.symbol} from namespace {r.detail}, but does not import it"
+    ),
+    ReasonCode.NO_VERSIONS: lambda r: (
+        f"module has no symbol versions for {r.symbol} and the kernel cannot force-load it "
+        "(no CONFIG_MODULE_FORCE_LOAD)"
+    ),
+    ReasonCode.VERMAGIC: lambda r: f"version magic {r.detail}",
+    ReasonCode.NO_VERMAGIC: lambda r: "no vermagic in .modinfo: the loader refuses it",
+    ReasonCode.MACHINE: lambda r: f"module is built for {r.detail}",
+}
+
+
+@dataclass(slots=True)
 class Reason:
+    """Why the loader would refuse a module; ``message`` says it in words."""
+
     code: ReasonCode
-    message: str
     symbol: str | None = None
     required_crc: int | None = None
     provided_crc: int | None = None
     provider: str | None = None
+    detail: str | None = None  # the code-specific words: license, namespace, vermagics
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self.code](self)
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"code": self.code.value, "message": self.message}
@@ -111,10 +154,7 @@ def check_module(
     reasons = verdict.reasons
     if module.machine and kernel.machine and module.machine != kernel.machine:
         reasons.append(
-            Reason(
-                ReasonCode.MACHINE,
-                f"module is built for {module.machine}, the kernel is {kernel.machine}",
-            )
+            Reason(ReasonCode.MACHINE, detail=f"{module.machine}, the kernel is {kernel.machine}")
         )
     versions = module.versions
     has_crcs = kernel.modversions and versions is not None
@@ -125,16 +165,7 @@ def check_module(
         required = versions.get(MODULE_LAYOUT)
         if required is not None and required != layout.crc:
             reasons.append(
-                Reason(
-                    ReasonCode.MODULE_LAYOUT,
-                    f"disagrees about version of symbol {MODULE_LAYOUT} "
-                    f"(module 0x{required:08x}, kernel 0x{layout.crc:08x}): the module was "
-                    "built for another kernel ABI and cannot load on this kernel at all",
-                    MODULE_LAYOUT,
-                    required,
-                    layout.crc,
-                    "vmlinux",
-                )
+                Reason(ReasonCode.MODULE_LAYOUT, MODULE_LAYOUT, required, layout.crc, "vmlinux")
             )
 
     gplok = is_gpl_compatible(module.license)
@@ -145,36 +176,20 @@ def check_module(
         # a symbol the kernel already has, so a companion cannot shadow one.
         export = kernel.exports.get(symbol) or (extra_exports or {}).get(symbol)
         if export is None:
-            reasons.append(
-                Reason(
-                    ReasonCode.MISSING_SYMBOL,
-                    f"Unknown symbol {symbol}: no kernel or module export provides it",
-                    symbol,
-                    versions.get(symbol) if versions else None,
-                )
-            )
+            required = versions.get(symbol) if versions else None
+            reasons.append(Reason(ReasonCode.MISSING_SYMBOL, symbol, required))
             continue
         if export.export_type is ExportType.GPL and not gplok:
             reasons.append(
-                Reason(
-                    ReasonCode.GPL_ONLY,
-                    f"Unknown symbol {symbol}: it is exported GPL-only and the module's "
-                    f"license {module.license or 'unspecified'!r} is not GPL-compatible",
-                    symbol,
-                    provider=export.provider,
-                )
+                Reason(ReasonCode.GPL_ONLY, symbol, provider=export.provider,
+                       detail=module.license)
             )
             continue
         _check_crc(symbol, export, versions, kernel, reasons)
         if export.namespace and export.namespace not in imported:
             reasons.append(
-                Reason(
-                    ReasonCode.NAMESPACE,
-                    f"module uses symbol {symbol} from namespace {export.namespace}, "
-                    "but does not import it",
-                    symbol,
-                    provider=export.provider,
-                )
+                Reason(ReasonCode.NAMESPACE, symbol, provider=export.provider,
+                       detail=export.namespace)
             )
         if export.provider_module and export.provider_module != module.name:
             needs.add(export.provider_module)
@@ -189,18 +204,13 @@ def _check_vermagic(
     if module.origin_kind != "elf":
         return  # an RPM's Requires carry no vermagic; only the CRCs can be checked
     if modmagic is None:
-        reasons.append(
-            Reason(ReasonCode.NO_VERMAGIC, "no vermagic in .modinfo: the loader refuses it")
-        )
+        reasons.append(Reason(ReasonCode.NO_VERMAGIC))
         return
     if kernel.vermagic is None:
         return
     if not _same_magic(modmagic, kernel.vermagic, has_crcs):
         reasons.append(
-            Reason(
-                ReasonCode.VERMAGIC,
-                f"version magic {modmagic!r} should be {kernel.vermagic!r}",
-            )
+            Reason(ReasonCode.VERMAGIC, detail=f"{modmagic!r} should be {kernel.vermagic!r}")
         )
 
 
@@ -230,27 +240,12 @@ def _check_crc(
     if versions is None:
         # No __versions at all: only a forced load (CONFIG_MODULE_FORCE_LOAD) passes.
         if not kernel.force_load:
-            reasons.append(
-                Reason(
-                    ReasonCode.NO_VERSIONS,
-                    f"module has no symbol versions for {symbol} and the kernel cannot "
-                    "force-load it (no CONFIG_MODULE_FORCE_LOAD)",
-                    symbol,
-                )
-            )
+            reasons.append(Reason(ReasonCode.NO_VERSIONS, symbol))
         return
     required = versions.get(symbol)
     if required is None:
         return  # "no symbol version for X": the loader warns once and lets it go
     if required != export.crc:
         reasons.append(
-            Reason(
-                ReasonCode.CRC_MISMATCH,
-                f"disagrees about version of symbol {symbol} "
-                f"(module 0x{required:08x}, kernel 0x{export.crc:08x})",
-                symbol,
-                required,
-                export.crc,
-                export.provider,
-            )
+            Reason(ReasonCode.CRC_MISMATCH, symbol, required, export.crc, export.provider)
         )

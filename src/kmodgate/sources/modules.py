@@ -54,7 +54,7 @@ def load_modules(refs: Iterable[str], *, jobs: int | None = None) -> list[Module
 def load_module_ref(ref: str, *, jobs: int | None = None) -> list[ModuleInfo]:
     if ref.startswith(DEBIAN_IMAGE_PREFIX):
         root = debian.fetch_image(ref[len(DEBIAN_IMAGE_PREFIX):])
-        return read_module_tree(root / "lib/modules", jobs=jobs, label=ref)
+        return read_module_tree(root / "lib/modules", jobs=jobs)
     path = Path(ref)
     if path.is_dir():
         return read_module_tree(path, jobs=jobs)
@@ -176,15 +176,16 @@ class ModuleIndex:
 
 
 def read_module_tree(
-    root: Path, *, jobs: int | None = None, label: str | None = None
+    root: Path, *, jobs: int | None = None, index: bool = True
 ) -> list[ModuleInfo]:
-    """All modules under *root*, in path order, using and refreshing the index."""
+    """All modules under *root*, in path order, using and refreshing the index
+    (``index=False`` parses every file, as a first run would)."""
     files = find_module_files(root)
-    index = ModuleIndex(root)
+    module_index = ModuleIndex(root) if index else None
     results: dict[str, ModuleInfo] = {}
     todo: list[str] = []
     for f in files:
-        cached = index.lookup(f)
+        cached = module_index.lookup(f) if module_index else None
         if cached is not None:
             results[f] = cached
         else:
@@ -194,7 +195,8 @@ def read_module_tree(
             if isinstance(parsed, UserError):
                 raise parsed
             results[f] = parsed
-        index.save([(f, results[f]) for f in files])
+        if module_index:
+            module_index.save([(f, results[f]) for f in files])
     return [results[f] for f in files]
 
 
