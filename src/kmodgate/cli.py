@@ -160,7 +160,7 @@ def check_cmd(
     else:
         render_verdicts(verdicts)
         for ref, kernel, vs in cells:
-            out.print(survival_line(ref, kernel, vs))
+            out.print(survival_line(ref, kernel, vs), soft_wrap=True)
     raise typer.Exit(EXIT_FAIL if failed else EXIT_PASS)
 
 
