@@ -1,0 +1,315 @@
+"""Gate decisions: may this kernel enter that stream?
+
+A decision is recomputed every time from what is stored (results, waivers,
+promotions, pins) and the stream's policy, never cached, so it cannot go
+stale.  Its JSON follows Fedora's Greenwave: ``allowed``, ``satisfied``,
+``unsatisfied`` (module, kind, outcome, reasons), ``waived`` (with the waiver
+used) and ``soak``, plus what else blocks (a pin, an older kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from kmodgate.abi.compare import Outcome
+from kmodgate.config import Config, StreamConfig
+from kmodgate.errors import UserError
+from kmodgate.gate.streams import (
+    active_pin,
+    active_pins,
+    current_promotion,
+    first_entry,
+    is_older,
+    kernels_by_line,
+)
+from kmodgate.gate.waivers import active_waivers, matching_waiver, waiver_json
+from kmodgate.store.models import Kernel, Pin, Promotion
+from kmodgate.store.queries import get_kernel, latest_results
+
+MISSING = "missing"  # no result yet: blocks like a failure, but it is not the module's fault
+PASSING = frozenset({Outcome.PASS.value, Outcome.SKIP.value})  # skip: not applicable
+
+
+@dataclass
+class Decision:
+    kernel: str
+    stream: str
+    line: str
+    allowed: bool
+    satisfied: list[dict[str, Any]] = field(default_factory=list)
+    unsatisfied: list[dict[str, Any]] = field(default_factory=list)
+    waived: list[dict[str, Any]] = field(default_factory=list)
+    soak: dict[str, Any] = field(default_factory=dict)
+    pin: dict[str, Any] | None = None
+    current: dict[str, Any] | None = None  # the stream's kernel on this line, if any
+    blockers: list[str] = field(default_factory=list)  # one line each, for people
+
+    @property
+    def waiver_ids(self) -> list[int]:
+        return sorted({int(w["waiver"]["id"]) for w in self.waived})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kernel": self.kernel,
+            "stream": self.stream,
+            "line": self.line,
+            "allowed": self.allowed,
+            "satisfied": self.satisfied,
+            "unsatisfied": self.unsatisfied,
+            "waived": self.waived,
+            "waivers": self.waiver_ids,
+            "soak": self.soak,
+            "pin": self.pin,
+            "current": self.current,
+            "blockers": self.blockers,
+        }
+
+
+def require_kernel(session: Session, release: str) -> Kernel:
+    kernel = get_kernel(session, release)
+    if kernel is None:
+        raise UserError(f"unknown kernel {release!r}: no results recorded for it yet")
+    return kernel
+
+
+def decide(session: Session, config: Config, release: str, stream: str,
+           now: datetime) -> Decision:
+    """Whether *release* may enter *stream* at *now*, and why (not)."""
+    target = config.stream(stream)
+    kernel = require_kernel(session, release)
+    decision = Decision(kernel=release, stream=target.name, line=kernel.line, allowed=False)
+    _check_results(session, config, target, kernel, now, decision)
+    _check_soak(session, config, target, kernel, now, decision)
+    _check_current(session, target, kernel, decision)
+    _check_pin(session, target, kernel, decision)
+    decision.allowed = not decision.blockers
+    return decision
+
+
+def _check_results(session: Session, config: Config, target: StreamConfig, kernel: Kernel,
+                   now: datetime, decision: Decision) -> None:
+    modules = config.policy_modules(target.name)
+    kinds = list(target.policy.kinds)
+    latest = latest_results(session, modules=modules, kernels=[kernel.release], kinds=kinds)
+    waivers = active_waivers(session, now)
+    for module in modules:
+        for kind in kinds:
+            result = latest.get((module, kernel.release, kind))
+            cell: dict[str, Any] = {"module": module, "kind": kind}
+            if result is None:
+                cell["outcome"] = MISSING
+                cell["reasons"] = [{"code": "result_missing",
+                                    "message": f"no {kind} result for {module} on "
+                                               f"{kernel.release} yet"}]
+            else:
+                cell["outcome"] = result.outcome
+                cell["module_version"] = result.module_version
+                cell["reasons"] = list(result.reasons)
+            if cell["outcome"] in PASSING:
+                cell.pop("reasons", None)
+                decision.satisfied.append(cell)
+                continue
+            waiver = matching_waiver(waivers, module, kernel.release, kind)
+            if waiver is not None:
+                decision.waived.append({**cell, "waiver": waiver_json(waiver)})
+            else:
+                decision.unsatisfied.append(cell)
+    if decision.unsatisfied:
+        cells = ", ".join(f"{c['module']} {c['kind']} {c['outcome']}"
+                          for c in decision.unsatisfied)
+        decision.blockers.append(f"{len(decision.unsatisfied)} unsatisfied: {cells}")
+
+
+def _check_soak(session: Session, config: Config, target: StreamConfig, kernel: Kernel,
+                now: datetime, decision: Decision) -> None:
+    previous = config.previous_stream(target.name)
+    required = target.policy.min_soak
+    soak: dict[str, Any] = {
+        "previous_stream": previous.name if previous else None,
+        "required_seconds": int(required.total_seconds()),
+        "entered_at": None,
+        "soaked_seconds": None,
+        "satisfied": True,
+    }
+    decision.soak = soak
+    if previous is None:
+        return
+    entry = first_entry(session, kernel.release, previous.name)
+    if entry is not None:
+        soaked = max(now - entry.at, timedelta(0))
+        soak["entered_at"] = entry.at.isoformat()
+        soak["soaked_seconds"] = int(soaked.total_seconds())
+    if not required:
+        return
+    if entry is None:
+        soak["satisfied"] = False
+        decision.blockers.append(f"never entered {previous.name}, where it must soak "
+                                 f"{_human(required)}")
+    elif now - entry.at < required:
+        soak["satisfied"] = False
+        left = required - (now - entry.at)
+        soak["remaining_seconds"] = int(left.total_seconds())
+        decision.blockers.append(f"soaking in {previous.name}: {_human(left)} left of "
+                                 f"{_human(required)}")
+
+
+def _check_current(session: Session, target: StreamConfig, kernel: Kernel,
+                   decision: Decision) -> None:
+    promotion = current_promotion(session, target.name, kernel.line)
+    if promotion is None:
+        return
+    decision.current = {"kernel": promotion.kernel, "since": promotion.at.isoformat()}
+    current = require_kernel(session, promotion.kernel)
+    if target.policy.forbid_older and is_older(kernel, current):
+        decision.current["older"] = True
+        decision.blockers.append(f"older than {target.name}'s current kernel {current.release}")
+
+
+def _check_pin(session: Session, target: StreamConfig, kernel: Kernel,
+               decision: Decision) -> None:
+    pin = active_pin(session, target.name, kernel.line)
+    if pin is None:
+        return
+    decision.pin = pin_json(pin)
+    if pin.kernel != kernel.release:
+        decision.blockers.append(f"{target.name} is pinned to {pin.kernel} by {pin.author}: "
+                                 f"{pin.reason}")
+
+
+def promote(session: Session, config: Config, release: str, stream: str, now: datetime, *,
+            author: str, force: bool = False, reason: str = "") -> tuple[Promotion, Decision]:
+    """Record *release* entering *stream* if the gate allows it.
+
+    ``force`` overrides the policy (results, soak, age), never a pin: a pin is
+    a person's explicit hold and is lifted by unpinning.  A forced promotion
+    needs a reason and keeps the overridden decision for the audit.
+    """
+    if force and not reason.strip():
+        raise UserError("a forced promotion needs a reason")
+    decision = decide(session, config, release, stream, now)
+    if decision.pin is not None and decision.pin["kernel"] != release:
+        raise UserError(f"{stream} is pinned to {decision.pin['kernel']} on {decision.line}; "
+                        "unpin it first")
+    if not decision.allowed and not force:
+        raise UserError(f"{release} may not enter {stream}: {'; '.join(decision.blockers)}")
+    current = current_promotion(session, stream, decision.line)
+    if current is not None and current.kernel == release:
+        return current, decision  # already there: promoting twice records nothing new
+    promotion = Promotion(kernel=release, stream=stream, line=decision.line, at=now,
+                          via="decision" if decision.allowed else "force", author=author,
+                          reason=reason.strip(), decision=decision.to_json())
+    session.add(promotion)
+    session.flush()
+    return promotion, decision
+
+
+def pin(session: Session, config: Config, stream: str, release: str, now: datetime, *,
+        author: str, reason: str) -> Pin:
+    """Hold *stream* on *release* (for its line) until unpinned.
+
+    Pinning to a kernel the stream does not hold makes it the current one
+    (recorded as a promotion "via pin"): that is how a stream is rolled back.
+    """
+    target = config.stream(stream)
+    kernel = require_kernel(session, release)
+    if not reason.strip():
+        raise UserError("a pin needs a reason")
+    existing = active_pin(session, target.name, kernel.line)
+    if existing is not None:
+        if existing.kernel == release:
+            return existing
+        raise UserError(f"{stream} is already pinned to {existing.kernel} on {kernel.line}; "
+                        "unpin it first")
+    row = Pin(stream=target.name, line=kernel.line, kernel=release, reason=reason.strip(),
+              author=author, created_at=now, removed_at=None, removed_by=None)
+    session.add(row)
+    current = current_promotion(session, target.name, kernel.line)
+    if current is None or current.kernel != release:
+        session.add(Promotion(kernel=release, stream=target.name, line=kernel.line, at=now,
+                              via="pin", author=author, reason=reason.strip(),
+                              decision=decide(session, config, release, stream, now).to_json()))
+    session.flush()
+    return row
+
+
+def unpin(session: Session, config: Config, stream: str, now: datetime, *, author: str,
+          target: str | None = None) -> Pin:
+    """Lift the pin on *stream*; *target* (a kernel or a line) says which if several."""
+    config.stream(stream)
+    pins = active_pins(session, [stream])
+    if target is not None:
+        pins = [p for p in pins if target in (p.kernel, p.line)]
+    if not pins:
+        raise UserError(f"{stream} has no pin" + (f" on {target}" if target else ""))
+    if len(pins) > 1:
+        lines = ", ".join(p.line for p in pins)
+        raise UserError(f"{stream} has pins on several lines ({lines}); name one")
+    row = pins[0]
+    row.removed_at = now
+    row.removed_by = author
+    return row
+
+
+def status(session: Session, config: Config, now: datetime, *,
+           candidates_per_line: int = 5) -> list[dict[str, Any]]:
+    """Each stream's current kernel per line, its pin, and the newest candidates
+    (kernels newer than the current one that reached the previous stream) with
+    what blocks them."""
+    lines = kernels_by_line(session)
+    out: list[dict[str, Any]] = []
+    for target in config.streams:
+        previous = config.previous_stream(target.name)
+        stream_lines: list[dict[str, Any]] = []
+        for line, kernels in lines.items():
+            promotion = current_promotion(session, target.name, line)
+            pin_row = active_pin(session, target.name, line)
+            newer = kernels
+            if promotion is not None:
+                current_kernel = next((k for k in kernels if k.release == promotion.kernel), None)
+                if current_kernel is not None:
+                    newer = [k for k in kernels if is_older(current_kernel, k)]
+            if previous is not None:
+                newer = [k for k in newer
+                         if first_entry(session, k.release, previous.name) is not None]
+            candidates = []
+            for k in reversed(newer[-candidates_per_line:]):  # newest first
+                d = decide(session, config, k.release, target.name, now)
+                candidates.append({"kernel": k.release, "allowed": d.allowed,
+                                   "blockers": d.blockers, "waivers": d.waiver_ids})
+            stream_lines.append({
+                "line": line,
+                "current": promotion.kernel if promotion else None,
+                "since": promotion.at.isoformat() if promotion else None,
+                "pin": pin_json(pin_row) if pin_row else None,
+                "candidates": candidates,
+            })
+        out.append({"stream": target.name, "previous": previous.name if previous else None,
+                    "policy": policy_json(target), "lines": stream_lines})
+    return out
+
+
+def policy_json(target: StreamConfig) -> dict[str, Any]:
+    p = target.policy
+    return {"kinds": list(p.kinds),
+            "modules": list(p.modules) if isinstance(p.modules, tuple) else p.modules,
+            "min_soak_seconds": int(p.min_soak.total_seconds()),
+            "forbid_older": p.forbid_older}
+
+
+def pin_json(p: Pin) -> dict[str, Any]:
+    return {"id": p.id, "stream": p.stream, "line": p.line, "kernel": p.kernel,
+            "reason": p.reason, "author": p.author, "since": p.created_at.isoformat()}
+
+
+def _human(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    parts = [f"{days}d" if days else "", f"{hours}h" if hours else "",
+             f"{minutes}m" if minutes and not days else ""]
+    return "".join(parts) or f"{seconds}s"

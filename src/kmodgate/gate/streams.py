@@ -1,0 +1,115 @@
+"""Kernel lines and their order; what each stream holds now.
+
+A *line* is a series and a flavour ("6.1/amd64", "6.12/cloud-amd64"): the
+kernels one package name stream upgrades through.  Within a line kernels are
+ordered by package version when every kernel has one, else by release
+(kmodgate.sources.debian.release_sort_key: 6.1.0-9 < 6.1.0-47).  A stream
+holds one current kernel per line: the last one promoted into it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from debian.debian_support import Version
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from kmodgate.sources.debian import release_sort_key
+from kmodgate.store.models import Kernel, Pin, Promotion
+
+# 6.1.0-56-amd64, 6.12.57+deb12-amd64, 6.1.0-56-rt-amd64, 6.9.7+bpo-cloud-amd64
+_DEBIAN_RE = re.compile(r"^(\d+)\.(\d+)(?:\.\d+)*(?:-\d+)?(?:\+[\w.~]+)?-([a-z][\w-]*)$")
+# 5.14.0-427.13.1.el9_4.x86_64, 6.8.9-300.fc40.x86_64, 6.8.0-1.x86_64+debug
+_RPM_RE = re.compile(r"^(\d+)\.(\d+)(?:\.\d+)*-[\w.]+?\.(x86_64|aarch64|ppc64le|s390x|i686)"
+                     r"(?:\+(\w+))?$")
+_SERIES_RE = re.compile(r"^(\d+)\.(\d+)")
+
+
+def kernel_line(release: str) -> str:
+    """The line a release belongs to: "6.1.0-56-amd64" -> "6.1/amd64"."""
+    m = _DEBIAN_RE.match(release)
+    if m:
+        return f"{m.group(1)}.{m.group(2)}/{m.group(3)}"
+    m = _RPM_RE.match(release)
+    if m:
+        flavour = m.group(3) + (f"+{m.group(4)}" if m.group(4) else "")
+        return f"{m.group(1)}.{m.group(2)}/{flavour}"
+    m = _SERIES_RE.match(release)
+    # Unknown shapes (a locally built kernel): one line per series, flavour unknown.
+    return f"{m.group(1)}.{m.group(2)}/unknown" if m else f"{release}/unknown"
+
+
+def kernel_sort_key(kernel: Kernel, by_package: bool) -> tuple[Any, ...]:
+    if by_package and kernel.package_version:
+        return (Version(kernel.package_version), release_sort_key(kernel.release))
+    return (release_sort_key(kernel.release),)
+
+
+def sort_kernels(kernels: Iterable[Kernel]) -> list[Kernel]:
+    """Oldest first; by package version only if all have one (mixing orders would lie)."""
+    items = list(kernels)
+    by_package = bool(items) and all(k.package_version for k in items)
+    return sorted(items, key=lambda k: kernel_sort_key(k, by_package))
+
+
+def is_older(candidate: Kernel, than: Kernel) -> bool:
+    by_package = bool(candidate.package_version and than.package_version)
+    return kernel_sort_key(candidate, by_package) < kernel_sort_key(than, by_package)
+
+
+def kernels_by_line(session: Session) -> dict[str, list[Kernel]]:
+    out: dict[str, list[Kernel]] = {}
+    for k in session.scalars(select(Kernel)):
+        out.setdefault(k.line, []).append(k)
+    return {line: sort_kernels(ks) for line, ks in sorted(out.items())}
+
+
+def current_promotion(session: Session, stream: str, line: str) -> Promotion | None:
+    """The promotion that put the stream's current kernel of *line* in place."""
+    return session.scalars(
+        select(Promotion)
+        .where(Promotion.stream == stream, Promotion.line == line)
+        .order_by(Promotion.at.desc(), Promotion.id.desc())
+        .limit(1)
+    ).first()
+
+
+def current_kernels(session: Session, stream: str) -> dict[str, str]:
+    """line -> the kernel the stream holds on that line."""
+    out: dict[str, str] = {}
+    rows = session.scalars(
+        select(Promotion).where(Promotion.stream == stream)
+        .order_by(Promotion.at, Promotion.id)
+    )
+    for p in rows:
+        out[p.line] = p.kernel  # later rows win
+    return dict(sorted(out.items()))
+
+
+def first_entry(session: Session, kernel: str, stream: str) -> Promotion | None:
+    """When *kernel* first entered *stream*: soak counts from there."""
+    return session.scalars(
+        select(Promotion)
+        .where(Promotion.kernel == kernel, Promotion.stream == stream)
+        .order_by(Promotion.at, Promotion.id)
+        .limit(1)
+    ).first()
+
+
+def active_pin(session: Session, stream: str, line: str) -> Pin | None:
+    return session.scalars(
+        select(Pin)
+        .where(Pin.stream == stream, Pin.line == line, Pin.removed_at.is_(None))
+        .order_by(Pin.id.desc())
+        .limit(1)
+    ).first()
+
+
+def active_pins(session: Session, streams: Sequence[str] | None = None) -> list[Pin]:
+    query = select(Pin).where(Pin.removed_at.is_(None)).order_by(Pin.stream, Pin.line)
+    if streams is not None:
+        query = query.where(Pin.stream.in_(streams))
+    return list(session.scalars(query))

@@ -1,0 +1,157 @@
+"""The store's reads and writes that more than one part of kmodgate needs.
+
+Writes that may race (two runs recording the same result, two workers noticing
+the same event) are INSERT ... ON CONFLICT DO NOTHING against a unique key, so
+the database, not a lock in Python, decides who wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from kmodgate.abi.compare import Outcome
+from kmodgate.errors import InfraError
+from kmodgate.results import CheckResult
+from kmodgate.store.models import Base, Kernel, Result
+
+
+class Recorded(StrEnum):
+    NEW = "new"  # first result for these inputs
+    UNCHANGED = "unchanged"  # the same inputs were already checked: kept the first
+    REPLACED = "replaced"  # the stored one was an infrastructure error: replaced
+
+
+def insert_ignore(session: Session, model: type[Base], values: dict[str, Any],
+                  conflict: Sequence[str]) -> bool:
+    """Insert a row unless one with the same *conflict* columns exists; True if inserted."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        pg = postgresql.insert(model).values(**values)
+        statement: Any = pg.on_conflict_do_nothing(index_elements=list(conflict))
+    elif dialect == "sqlite":
+        lite = sqlite.insert(model).values(**values)
+        statement = lite.on_conflict_do_nothing(index_elements=list(conflict))
+    else:  # make_engine refuses other backends; this guards direct callers
+        raise InfraError(f"unsupported database backend {dialect}")
+    # An INSERT gives a CursorResult, which has rowcount; execute() is typed as Result.
+    return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+
+
+def result_fingerprint(result: CheckResult) -> str:
+    """The result's own fingerprint, or, for an engine that gave none, one from
+    what names the cell, so it is still stored once."""
+    if result.fingerprint:
+        return result.fingerprint
+    cell = "\0".join((result.module, result.module_version, result.kernel, result.kind))
+    return "cell:" + hashlib.sha256(cell.encode()).hexdigest()
+
+
+def _result_values(result: CheckResult, now: datetime) -> dict[str, Any]:
+    return {
+        "fingerprint": result_fingerprint(result),
+        "kind": result.kind,
+        "module": result.module,
+        "module_version": result.module_version,
+        "kernel": result.kernel,
+        "outcome": Outcome(result.outcome).value,
+        "reasons": list(result.reasons),
+        "reproducer": result.reproducer,
+        "toolchain": result.toolchain,
+        "log_path": result.log_path,
+        "artifacts": list(result.artifacts),
+        "duration_seconds": result.duration_seconds,
+        "details": dict(result.details),
+        "recorded_at": now,
+    }
+
+
+def record_result(session: Session, result: CheckResult, now: datetime) -> Recorded:
+    """Store *result* once per (fingerprint, kind).
+
+    The same inputs give the same outcome, so a repeated or concurrent run's
+    copy is dropped; only an ``error`` (our infrastructure failed, the module
+    was never judged) is replaced by a later attempt.
+    """
+    values = _result_values(result, now)
+    if insert_ignore(session, Result, values, ("fingerprint", "kind")):
+        return Recorded.NEW
+    stored = session.scalars(
+        select(Result).where(Result.fingerprint == values["fingerprint"],
+                             Result.kind == result.kind).with_for_update()
+    ).one()
+    if stored.outcome != Outcome.ERROR.value:
+        return Recorded.UNCHANGED
+    for name, value in values.items():
+        setattr(stored, name, value)
+    return Recorded.REPLACED
+
+
+def known_fingerprints(session: Session, kind: str, fingerprints: Iterable[str]) -> set[str]:
+    """Which of *fingerprints* already have a real (non-error) result: skip those."""
+    wanted = list(dict.fromkeys(fingerprints))
+    found: set[str] = set()
+    for start in range(0, len(wanted), 500):  # stay under bind-parameter limits
+        chunk = wanted[start:start + 500]
+        found.update(session.scalars(
+            select(Result.fingerprint).where(
+                Result.kind == kind, Result.fingerprint.in_(chunk),
+                Result.outcome != Outcome.ERROR.value)
+        ))
+    return found
+
+
+def ensure_kernel(session: Session, release: str, line: str, now: datetime, *,
+                  package_version: str | None = None, source: str | None = None,
+                  side_band: bool = False) -> Kernel:
+    """The kernel row for *release*, created on first sight (first_seen = now)."""
+    insert_ignore(session, Kernel, {
+        "release": release, "line": line, "package_version": package_version,
+        "source": source, "side_band": side_band, "first_seen": now,
+    }, ("release",))
+    kernel = session.scalars(select(Kernel).where(Kernel.release == release)).one()
+    if package_version and kernel.package_version != package_version:
+        kernel.package_version = package_version  # learnt later, e.g. from the archive
+    return kernel
+
+
+def get_kernel(session: Session, release: str) -> Kernel | None:
+    return session.scalars(select(Kernel).where(Kernel.release == release)).first()
+
+
+def latest_results(session: Session, *, modules: Sequence[str] | None = None,
+                   kernels: Sequence[str] | None = None,
+                   kinds: Sequence[str] | None = None) -> dict[tuple[str, str, str], Result]:
+    """(module, kernel, kind) -> the most recently recorded result for that cell.
+
+    A cell has several results when the module or the recipe changed (new
+    fingerprint); the latest says how things stand now.
+    """
+    query = select(Result).order_by(Result.recorded_at, Result.id)
+    if modules is not None:
+        query = query.where(Result.module.in_(list(modules)))
+    if kernels is not None:
+        query = query.where(Result.kernel.in_(list(kernels)))
+    if kinds is not None:
+        query = query.where(Result.kind.in_(list(kinds)))
+    out: dict[tuple[str, str, str], Result] = {}
+    for r in session.scalars(query):
+        out[(r.module, r.kernel, r.kind)] = r
+    return out
+
+
+def result_to_check(r: Result) -> CheckResult:
+    return CheckResult(
+        module=r.module, module_version=r.module_version, kernel=r.kernel, kind=r.kind,
+        outcome=Outcome(r.outcome), reasons=list(r.reasons), fingerprint=r.fingerprint,
+        reproducer=r.reproducer, toolchain=r.toolchain, log_path=r.log_path,
+        artifacts=list(r.artifacts), duration_seconds=r.duration_seconds,
+        details=dict(r.details),
+    )
