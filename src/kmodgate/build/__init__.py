@@ -1,0 +1,1 @@
+"""Building module sources against kernel builds: dkms.conf semantics, the sandbox, kbuild."""
