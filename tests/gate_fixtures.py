@@ -3,15 +3,29 @@ results as the check engines would produce them, a fixed clock."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
+from sqlalchemy import create_engine
 
 from kmodgate.abi.compare import Outcome
 from kmodgate.config import Config, parse_config
 from kmodgate.gate.service import Gate
 from kmodgate.results import CheckResult
 from kmodgate.store.db import open_store
+
+# As in conftest: in CI a missing tool fails instead of skipping.
+IN_CI = bool(os.environ.get("CI"))
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -87,3 +101,82 @@ def all_pass(gate: Gate, kernel: str, now: datetime = T0,
              modules: tuple[str, ...] = ("openrazer-driver", "zfs", "v4l2loopback")) -> None:
     gate.record_results([result(m, kernel, k) for m in modules for k in ("abi", "build")],
                         now=now)
+
+
+# PostgreSQL: a real server, started from Debian's postgresql package into a
+# scratch directory on a loopback port, one per test session; a fresh
+# database per test.
+
+def _postgres_bindir() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
+                   else 0)
+    return found[-1].parent if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """The URL of a running PostgreSQL server (no database part)."""
+    bindir = _postgres_bindir()
+    if bindir is None:
+        message = "postgresql is not installed (scripts/apt-packages.txt lists it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    # initdb refuses to run as root: run the server as Debian's postgres user.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="kmodgate-pg-"))
+    if as_user:
+        shutil.chown(root, "postgres")
+    data, port = root / "data", _free_port()
+
+    def run(*cmd: str) -> None:
+        proc = subprocess.run([*as_user, *cmd], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
+            raise RuntimeError(f"{cmd[0]} failed: {proc.stderr.strip()} {log[-2000:]}")
+
+    run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "kmodgate",
+        "-E", "UTF8", "--no-sync")
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w",
+        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off",
+        "start")
+    try:
+        yield f"postgresql+psycopg://kmodgate@127.0.0.1:{port}"
+    finally:
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_database(server: str) -> Iterator[str]:
+    """A fresh, empty database on *server*, dropped afterwards."""
+    name = f"kmodgate_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.exec_driver_sql(f"CREATE DATABASE {name}")
+        yield f"{server}/{name}"
+        with admin.connect() as c:
+            c.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        admin.dispose()
+
+
+BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Every storage test runs on every backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'kmodgate.db'}"
+        return
+    with postgres_database(request.getfixturevalue("postgres_server")) as url:
+        yield url

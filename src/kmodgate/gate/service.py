@@ -29,6 +29,7 @@ from kmodgate.store.queries import (
     get_kernel,
     known_fingerprints,
     record_result,
+    result_fingerprint,
 )
 
 
@@ -75,12 +76,18 @@ class Gate:
         """
         moment = now or utcnow()
         counts: Counter[str] = Counter({r.value: 0 for r in Recorded})
+        # Concurrent runs insert in one global order (kernels, then results, each
+        # sorted by key) so their row locks can never wait on each other in a
+        # cycle: PostgreSQL would abort one run with "deadlock detected".
+        batch = sorted(results, key=lambda r: (result_fingerprint(r), r.kind))
+        for result in batch:
+            if result.kind not in KINDS:
+                raise UserError(f"unknown check kind {result.kind!r}")
         with self.store.transaction() as session:
-            for result in results:
-                if result.kind not in KINDS:
-                    raise UserError(f"unknown check kind {result.kind!r}")
-                if get_kernel(session, result.kernel) is None:
-                    ensure_kernel(session, result.kernel, kernel_line(result.kernel), moment)
+            for release in sorted({r.kernel for r in batch}):
+                if get_kernel(session, release) is None:
+                    ensure_kernel(session, release, kernel_line(release), moment)
+            for result in batch:
                 counts[record_result(session, result, moment).value] += 1
         return dict(counts)
 

@@ -13,6 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -33,6 +34,7 @@ def insert_ignore(session: Session, model: type[Base], values: dict[str, Any],
                   conflict: Sequence[str]) -> bool:
     """Insert a row unless one with the same *conflict* columns exists; True if inserted."""
     dialect = session.get_bind().dialect.name
+    key = sa_inspect(model).primary_key[0]
     if dialect == "postgresql":
         pg = postgresql.insert(model).values(**values)
         statement: Any = pg.on_conflict_do_nothing(index_elements=list(conflict))
@@ -41,8 +43,10 @@ def insert_ignore(session: Session, model: type[Base], values: dict[str, Any],
         statement = lite.on_conflict_do_nothing(index_elements=list(conflict))
     else:  # make_engine refuses other backends; this guards direct callers
         raise InfraError(f"unsupported database backend {dialect}")
-    # An INSERT gives a CursorResult, which has rowcount; execute() is typed as Result.
-    return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+    # RETURNING says whether a row went in; rowcount does not, reliably, through
+    # the ORM's insert path on every driver.  Executed on the session's connection
+    # (Core), so the ORM adds nothing of its own.
+    return session.connection().execute(statement.returning(key)).first() is not None
 
 
 def result_fingerprint(result: CheckResult) -> str:
