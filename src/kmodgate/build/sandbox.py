@@ -59,8 +59,10 @@ BASE_ENV = {
 }
 
 # Host directories replaced by an empty tmpfs inside: private scratch space
-# (/tmp, /var/tmp) and places holding other people's secrets or sockets.
-HIDDEN_DIRS = ("/run", "/root", "/home")
+# (/tmp, /var/tmp), places holding other people's secrets or sockets, and the
+# host's own kernel trees -- a build must see the kernel build it is checked
+# against (mounted by the caller), never whatever headers the host has.
+HIDDEN_DIRS = ("/run", "/root", "/home", "/usr/src", "/lib/modules")
 SCRATCH_DIRS = ("/tmp", "/var/tmp")
 
 # How often the process tree is measured.  A fork bomb reaches its cap within
