@@ -246,11 +246,17 @@ def test_mount_at_a_new_path_keeps_the_host_directory_visible(tmp_path: Path) ->
     tree.mkdir()
     (tree / "Module.symvers").write_text("0x1\tsym\tvmlinux\tEXPORT_SYMBOL\t\n")
     work = tmp_path / "work"
-    target = "/usr/src/linux-headers-6.1.0-98-amd64"
-    result = run_sandboxed(["bash", "-c", f"cat {target}/Module.symvers; ls /usr/src"],
+    target = f"/usr/local/kmodgate-{secrets.token_hex(4)}"
+    result = run_sandboxed(["bash", "-c", f"cat {target}/Module.symvers; ls /usr/local"],
                            workdir=work, mounts=[Mount(tree, target)])
     assert result.ok, result.output
     assert b"EXPORT_SYMBOL" in result.output
     listed = set(result.output.decode().split())
-    assert set(os.listdir("/usr/src")) <= listed
+    assert set(os.listdir("/usr/local")) <= listed
     assert not Path(target).exists()  # nothing was created on the host
+
+
+def test_host_kernel_trees_are_hidden(tmp_path: Path) -> None:
+    result = run_sandboxed(["bash", "-c", "ls -A /usr/src /lib/modules | grep -v : | wc -w"],
+                           workdir=tmp_path)
+    assert result.output.strip() == b"0"
