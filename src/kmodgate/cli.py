@@ -212,7 +212,8 @@ def diff_cmd(
     jobs: JobsOpt = None,
 ) -> None:
     """What changed in the exported ABI between two kernels, and whom it breaks."""
-    from kmodgate.sources.kernels import load_kernel, read_file
+    from kmodgate.sources.files import read_file
+    from kmodgate.sources.kernels import load_kernel
     from kmodgate.sources.modules import load_modules
 
     old, new = load_kernel(old_ref), load_kernel(new_ref)

@@ -185,12 +185,6 @@ def test_directory_without_a_kernel_tree(work: Path, env: dict[str, str]) -> Non
     assert_user_error(result, "adir: no kernel build tree here")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: a module reference naming a directory with no module files yields "
-    "no modules, and `check` reports 0 of 0 and exits 0 instead of a user error (a .deb "
-    "without modules already is one: 'the package contains no kernel modules')",
-)
 def test_module_directory_without_modules(work: Path, env: dict[str, str]) -> None:
     (work / "empty").mkdir()
     result = run(["check", "--json", "-k", "Module.symvers", "-m", "empty"], cwd=work, env=env)
@@ -252,12 +246,6 @@ def test_unreadable_file(shared_dir: Path, nobody_env: dict[str, str], role: str
     assert_user_error(result, f"{secret.name}: cannot read: Permission denied")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: for a path inside a directory the user cannot search, Path.is_dir() "
-    "raises PermissionError on Python 3.11 (only ENOENT/ENOTDIR/EBADF/ELOOP are ignored) "
-    "in load_module_ref/load_kernel, so the CLI prints an internal error and exits 3",
-)
 @pytest.mark.parametrize("role", ["module", "kernel"])
 def test_file_in_untraversable_directory(
     shared_dir: Path, nobody_env: dict[str, str], role: str

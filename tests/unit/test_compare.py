@@ -106,12 +106,6 @@ def test_weak_undefined_symbol_missing_is_fine() -> None:
     assert verdict.outcome is Outcome.PASS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: check_module ignores weak_undefined entirely; resolve_symbol() "
-    "still runs check_version() for a weak symbol the kernel does export, and a CRC "
-    "mismatch refuses the module (simplify_symbols only forgives a weak symbol NOT found)",
-)
 def test_weak_undefined_symbol_present_with_other_crc_fails() -> None:
     hook = Export("optional_hook", 0x1111, "vmlinux", ExportType.PLAIN)
     m = module(weak=["optional_hook"],
@@ -173,12 +167,6 @@ def test_module_layout_mismatch_comes_before_symbol_reasons() -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: check_module appends the vermagic reason before module_layout; "
-    "the loader runs check_modstruct_version() before check_modinfo() (load_module in "
-    "6.1, early_mod_check() since 6.4), so module_layout must be reported first",
-)
 def test_module_layout_mismatch_reported_before_vermagic() -> None:
     m = module(versions={MODULE_LAYOUT: 0xDEAD, "_printk": PRINTK_CRC},
                vermagic="6.1.0-47-rt-amd64 SMP preempt_rt mod_unload modversions ")
@@ -228,12 +216,6 @@ def test_no_vermagic() -> None:
     assert codes(verdict) == [ReasonCode.NO_VERMAGIC]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: check_modinfo() calls try_to_force_load() for a module without "
-    "vermagic, which succeeds (tainting) with CONFIG_MODULE_FORCE_LOAD; _check_vermagic "
-    "reports NO_VERMAGIC even when kernel.force_load is set",
-)
 def test_no_vermagic_with_force_load_passes() -> None:
     verdict = check_module(module(vermagic=None), kernel(force_load=True))
     assert verdict.outcome is Outcome.PASS
@@ -261,11 +243,6 @@ def test_namespace_imported() -> None:
     assert verdict.needs_modules == ["usb_storage"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: verify_namespace_is_imported() only warns when the kernel has "
-    "CONFIG_MODULE_ALLOW_MISSING_NAMESPACE_IMPORTS=y; check_module ignores kernel.config",
-)
 def test_namespace_not_imported_allowed_by_config() -> None:
     sym = Export("ns_fn", 0x55, "vmlinux", ExportType.PLAIN, "SOME_NS")
     m = module(undefined=["ns_fn"], versions={MODULE_LAYOUT: LAYOUT_CRC, "ns_fn": 0x55})
@@ -310,9 +287,10 @@ def test_plain_export_is_fine_for_non_gpl_license() -> None:
 
 def test_no_versions_without_force_load_fails() -> None:
     verdict = check_module(module(no_versions=True), kernel(force_load=False))
+    # check_modstruct_version() refuses it before any symbol is looked at.
     [reason] = verdict.reasons
     assert reason.code is ReasonCode.NO_VERSIONS
-    assert reason.symbol == "_printk"
+    assert reason.symbol == MODULE_LAYOUT
     assert "CONFIG_MODULE_FORCE_LOAD" in reason.message
 
 
@@ -326,13 +304,6 @@ def test_no_versions_on_kernel_without_modversions_passes() -> None:
     assert verdict.outcome is Outcome.PASS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: check_modstruct_version() always checks module_layout, and without "
-    "__versions check_version() calls try_to_force_load(), which fails without "
-    "CONFIG_MODULE_FORCE_LOAD; check_module only reports NO_VERSIONS per undefined symbol "
-    "that has a CRC, so a module using none passes",
-)
 def test_no_versions_fails_on_module_layout_even_without_symbols() -> None:
     verdict = check_module(module(no_versions=True, undefined=[]), kernel(force_load=False))
     assert codes(verdict) == [ReasonCode.NO_VERSIONS]
@@ -371,12 +342,6 @@ def test_kernel_export_wins_over_companion() -> None:
     assert verdict.needs_modules == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: verify_exported_symbols() refuses a module exporting a symbol "
-    "vmlinux already exports ('exports duplicate symbol'); check_module never looks at "
-    "module.exports (compare.py's comment claims the refusal but does not check it)",
-)
 def test_module_exporting_a_vmlinux_symbol_fails() -> None:
     m = module(exports=[ModuleExport("_printk", ExportType.PLAIN, "", PRINTK_CRC)])
     assert check_module(m, kernel()).outcome is Outcome.FAIL

@@ -218,23 +218,12 @@ def test_aarch64_machine() -> None:
     assert read_module(build_module(ModuleSpec(machine=EM_AARCH64)), "m.ko").machine == "aarch64"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: _parse_versions masks the unsigned long CRC to 32 bits; check_version() "
-    "compares the whole unsigned long with the u32 CRC (so high bits are a mismatch) and "
-    "modprobe --dump-modversions prints all 64 bits",
-)
 def test_versions_keep_the_whole_unsigned_long_on_64_bit() -> None:
     spec = ModuleSpec(versions=[("module_layout", 0x1_0000_1234)], machine=EM_X86_64)
     got = read_module(build_module(spec), "m.ko")
     assert got.versions == {"module_layout": 0x1_0000_1234}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: _parse_versions keeps the LAST of duplicate __versions entries; "
-    "check_version() (kernel/module/version.c) stops at the FIRST entry with the name",
-)
 def test_duplicate_versions_entry_first_one_counts() -> None:
     spec = ModuleSpec(versions=[("module_layout", 1), ("printk", 0xAAAA), ("printk", 0xBBBB)])
     got = read_module(build_module(spec), "m.ko")
@@ -343,11 +332,6 @@ def test_truncated_compressed_module_is_a_user_error(kind: str) -> None:
         read_module(decompress(packed[: len(packed) // 2], "where.ko"), "where.ko")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: decompress() returns the partial output of a truncated zstd stream "
-    "instead of raising UserError (stream_reader.read() stops silently at end of input)",
-)
 def test_truncated_zstd_is_reported_by_decompress() -> None:
     packed = _zstd_streamed(build_module(rich_spec(LAYOUTS[0])))
     with pytest.raises(UserError, match="corrupt zstd"):

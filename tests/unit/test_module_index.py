@@ -137,12 +137,6 @@ def _wrong_shape_entries(paths: list[str]) -> dict[str, object]:
     return {paths[0]: 5, paths[1]: (), paths[2]: ((1, 2, 3), "not a record")}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: ModuleIndex.lookup() catches TypeError/ValueError only around "
-    "_from_record(); an index that is valid marshal but holds a non-tuple or empty "
-    "entry raises TypeError/IndexError from entry[0]",
-)
 def test_index_with_wrong_shaped_entries_is_ignored(
     tmp_path: Path, private_cache: Path
 ) -> None:

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from kmodgate.abi.model import Export, ExportType, KernelABI, ModuleInfo
+from kmodgate.abi.kconfig import is_enabled
+from kmodgate.abi.model import VMLINUX, Export, ExportType, KernelABI, ModuleInfo
 
 # license_is_gpl_compatible() in include/linux/license.h.
 GPL_COMPATIBLE_LICENSES = frozenset(
@@ -47,6 +48,7 @@ class ReasonCode(StrEnum):
     MISSING_SYMBOL = "missing_symbol"
     CRC_MISMATCH = "crc_mismatch"
     NO_VERSIONS = "no_symbol_versions"
+    DUPLICATE_EXPORT = "duplicate_export"
     NAMESPACE = "namespace_not_imported"
     GPL_ONLY = "gpl_only_symbol"
 
@@ -79,12 +81,15 @@ _MESSAGES: dict[ReasonCode, Callable[[Reason], str]] = {
         f"module uses symbol {r.symbol} from namespace {r.detail}, but does not import it"
     ),
     ReasonCode.NO_VERSIONS: lambda r: (
-        f"module has no symbol versions for {r.symbol} and the kernel cannot force-load it "
-        "(no CONFIG_MODULE_FORCE_LOAD)"
+        f"module has no symbol version for {r.symbol} (no __versions section) and the kernel "
+        "cannot force-load it (no CONFIG_MODULE_FORCE_LOAD)"
     ),
     ReasonCode.VERMAGIC: lambda r: f"version magic {r.detail}",
     ReasonCode.NO_VERMAGIC: lambda r: "no vermagic in .modinfo: the loader refuses it",
     ReasonCode.MACHINE: lambda r: f"module is built for {r.detail}",
+    ReasonCode.DUPLICATE_EXPORT: lambda r: (
+        f"exports duplicate symbol {r.symbol} (owned by kernel)"
+    ),
 }
 
 
@@ -157,36 +162,38 @@ def check_module(
             Reason(ReasonCode.MACHINE, detail=f"{module.machine}, the kernel is {kernel.machine}")
         )
     versions = module.versions
-    has_crcs = kernel.modversions and versions is not None
-    _check_vermagic(module, kernel, has_crcs, reasons)
+    # load_module() checks struct module's CRC before anything else
+    # (check_modstruct_version), then .modinfo (check_modinfo), then symbols.
+    _check_module_layout(versions, kernel, reasons)
+    _check_vermagic(module, kernel, kernel.modversions and versions is not None, reasons)
+    _check_duplicate_exports(module, kernel, reasons)
 
-    layout = kernel.exports.get(MODULE_LAYOUT)
-    if versions is not None and layout is not None and layout.crc is not None:
-        required = versions.get(MODULE_LAYOUT)
-        if required is not None and required != layout.crc:
-            reasons.append(
-                Reason(ReasonCode.MODULE_LAYOUT, MODULE_LAYOUT, required, layout.crc, "vmlinux")
-            )
-
-    gplok = is_gpl_compatible(module.license)
+    # A kmod RPM's Requires carry no license, so the GPL-only rule cannot apply to them.
+    gplok = is_gpl_compatible(module.license) or module.origin_kind != "elf"
     imported = set(module.import_ns)
+    namespaces_enforced = not is_enabled(
+        kernel.config, "CONFIG_MODULE_ALLOW_MISSING_NAMESPACE_IMPORTS"
+    )
     needs: set[str] = set()
-    for symbol in module.undefined:
+    weak = set(module.weak_undefined)
+    for symbol in (*module.undefined, *module.weak_undefined):
         # The kernel's own exports win: the loader refuses a module that exports
         # a symbol the kernel already has, so a companion cannot shadow one.
         export = kernel.exports.get(symbol) or (extra_exports or {}).get(symbol)
         if export is None:
-            required = versions.get(symbol) if versions else None
-            reasons.append(Reason(ReasonCode.MISSING_SYMBOL, symbol, required))
+            if symbol not in weak:  # simplify_symbols(): an unresolved weak symbol is fine
+                required = versions.get(symbol) if versions else None
+                reasons.append(Reason(ReasonCode.MISSING_SYMBOL, symbol, required))
             continue
+        # find_symbol() does not offer GPL-only exports to a non-GPL module, so
+        # for the loader the symbol is simply not there.
         if export.export_type is ExportType.GPL and not gplok:
-            reasons.append(
-                Reason(ReasonCode.GPL_ONLY, symbol, provider=export.provider,
-                       detail=module.license)
-            )
+            if symbol not in weak:
+                reasons.append(Reason(ReasonCode.GPL_ONLY, symbol, provider=export.provider,
+                                      detail=module.license))
             continue
         _check_crc(symbol, export, versions, kernel, reasons)
-        if export.namespace and export.namespace not in imported:
+        if export.namespace and export.namespace not in imported and namespaces_enforced:
             reasons.append(
                 Reason(ReasonCode.NAMESPACE, symbol, provider=export.provider,
                        detail=export.namespace)
@@ -197,6 +204,34 @@ def check_module(
     return verdict
 
 
+def _check_module_layout(
+    versions: dict[str, int] | None, kernel: KernelABI, reasons: list[Reason]
+) -> None:
+    """check_modstruct_version(): check_version() on module_layout, which every
+    module built with CONFIG_MODVERSIONS records."""
+    layout = kernel.exports.get(MODULE_LAYOUT)
+    if not kernel.modversions or layout is None or layout.crc is None:
+        return
+    if versions is None:
+        if not kernel.force_load:  # try_to_force_load() fails without FORCE_LOAD
+            reasons.append(Reason(ReasonCode.NO_VERSIONS, MODULE_LAYOUT))
+        return
+    required = versions.get(MODULE_LAYOUT)
+    if required is not None and required != layout.crc:
+        reasons.append(
+            Reason(ReasonCode.MODULE_LAYOUT, MODULE_LAYOUT, required, layout.crc, VMLINUX)
+        )
+
+
+def _check_duplicate_exports(module: ModuleInfo, kernel: KernelABI, reasons: list[Reason]) -> None:
+    """verify_exported_symbols(): a module may not export what the kernel proper
+    exports.  (An in-tree module's export only clashes if that module is loaded.)"""
+    for e in module.exports:
+        existing = kernel.exports.get(e.symbol)
+        if existing is not None and existing.provider == VMLINUX:
+            reasons.append(Reason(ReasonCode.DUPLICATE_EXPORT, e.symbol, provider=VMLINUX))
+
+
 def _check_vermagic(
     module: ModuleInfo, kernel: KernelABI, has_crcs: bool, reasons: list[Reason]
 ) -> None:
@@ -204,7 +239,8 @@ def _check_vermagic(
     if module.origin_kind != "elf":
         return  # an RPM's Requires carry no vermagic; only the CRCs can be checked
     if modmagic is None:
-        reasons.append(Reason(ReasonCode.NO_VERMAGIC))
+        if not kernel.force_load:  # check_modinfo() -> try_to_force_load("bad vermagic")
+            reasons.append(Reason(ReasonCode.NO_VERMAGIC))
         return
     if kernel.vermagic is None:
         return
@@ -239,7 +275,9 @@ def _check_crc(
         return
     if versions is None:
         # No __versions at all: only a forced load (CONFIG_MODULE_FORCE_LOAD) passes.
-        if not kernel.force_load:
+        # Where the kernel exports module_layout, that check already refused the
+        # module as a whole; one reason says it better than one per symbol.
+        if not kernel.force_load and MODULE_LAYOUT not in kernel.exports:
             reasons.append(Reason(ReasonCode.NO_VERSIONS, symbol))
         return
     required = versions.get(symbol)

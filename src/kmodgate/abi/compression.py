@@ -32,13 +32,26 @@ def decompress(data: bytes, where: str) -> bytes:
         if kind == "xz":
             return lzma.decompress(data, format=lzma.FORMAT_XZ)
         if kind == "zstd":
-            # Kernel modules are written by zstd(1), which records no content size
-            # in streaming mode: read the whole stream rather than one frame size.
-            reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
-            with reader:
-                return reader.read()
+            return _zstd_frames(data, where)
         if kind == "gzip":
             return zlib.decompress(data, wbits=zlib.MAX_WBITS | 16)
     except (lzma.LZMAError, zstandard.ZstdError, zlib.error, EOFError) as exc:
         raise UserError(f"corrupt {kind} data ({exc})", where=where) from None
     return data
+
+
+def _zstd_frames(data: bytes, where: str) -> bytes:
+    """Every frame of a zstd stream; a frame cut short is corruption, not an end.
+
+    zstd(1) writes modules in streaming mode, without a content size, and a
+    stream reader would quietly return what it got from a truncated file.
+    """
+    dctx = zstandard.ZstdDecompressor()
+    parts = []
+    while data:
+        frame = dctx.decompressobj()
+        parts.append(frame.decompress(data))
+        if not frame.eof:
+            raise UserError("corrupt zstd data (truncated)", where=where)
+        data = frame.unused_data
+    return b"".join(parts)

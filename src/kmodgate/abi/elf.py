@@ -262,11 +262,18 @@ def _parse_versions(raw: bytes, layout: _Layout, path: str) -> dict[str, int]:
             f"{MODVERSION_INFO_SIZE}-byte entries",
             where=path,
         )
-    # The kernel keeps only the low 32 bits of the unsigned long CRC.
-    return {
-        name.split(b"\0", 1)[0].decode("utf-8", "replace"): crc & 0xFFFFFFFF
+    # check_version() compares the whole unsigned long, so no bits are dropped;
+    # it stops at the first entry of a name, so a duplicate never overrides.
+    entries = [
+        (name.split(b"\0", 1)[0].decode("utf-8", "replace"), crc)
         for crc, name in struct.iter_unpack(layout.versions, raw)
-    }
+    ]
+    versions = dict(entries)
+    if len(versions) != len(entries):
+        versions = {}
+        for name, crc in entries:
+            versions.setdefault(name, crc)
+    return versions
 
 
 def _scan_symbols(

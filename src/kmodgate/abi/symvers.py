@@ -17,7 +17,10 @@ _EXPORT_TYPES = {t.value: t for t in ExportType if t is not ExportType.UNKNOWN}
 def parse_symvers(text: str, where: str) -> dict[str, Export]:
     """Exports by symbol; a malformed line is a UserError naming its line number."""
     exports: dict[str, Export] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Split on newlines only: splitlines() also breaks at form feeds and other
+    # Unicode line ends, and the line numbers in errors would drift.
+    for lineno, raw_line in enumerate(text.split("\n"), 1):
+        line = raw_line.removesuffix("\r")
         if not line.strip():
             continue
         fields = line.split("\t")

@@ -24,21 +24,11 @@ from kmodgate.abi.model import KernelABI
 from kmodgate.abi.symvers import parse_symvers
 from kmodgate.errors import UserError
 from kmodgate.sources import debian, rpm
+from kmodgate.sources.files import path_kind, read_file
 
 DEBIAN_PREFIX = "debian:"
 _UTS_RELEASE_RE = re.compile(r'#define\s+UTS_RELEASE\s+"([^"]+)"')
 _ARCH_RE = re.compile(r"^\s*(?:override\s+)?(?:SRC)?ARCH\s*[:?]?=\s*(\S+)", re.MULTILINE)
-
-
-def read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise UserError("no such file", where=path) from None
-    except IsADirectoryError:
-        raise UserError("is a directory, expected a file", where=path) from None
-    except OSError as exc:
-        raise UserError(f"cannot read: {exc.strerror}", where=path) from None
 
 
 def load_kernel(ref: str) -> KernelABI:
@@ -49,9 +39,10 @@ def load_kernel(ref: str) -> KernelABI:
         kernel.origin = ref
         return kernel
     path = Path(ref)
-    if path.is_dir():
+    kind = path_kind(ref, "a kernel reference")
+    if kind == "dir":
         return kernel_from_directory(path, origin=ref)
-    if not path.exists():
+    if kind is None:
         raise UserError(
             "no such file or directory, and not a known reference "
             "(debian:<release>, a Module.symvers, a headers tree, a .deb or .rpm)",

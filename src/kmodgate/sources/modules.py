@@ -27,13 +27,13 @@ from kmodgate.abi.model import ExportType, ModuleExport, ModuleInfo
 from kmodgate.cache import atomic_write_bytes, cache_subdir
 from kmodgate.errors import UserError
 from kmodgate.sources import debian, rpm
-from kmodgate.sources.kernels import read_file
+from kmodgate.sources.files import path_kind, read_file
 
 DEBIAN_IMAGE_PREFIX = "debian-image:"
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
 # Bump when the reader's output changes, so cached parses are not reused.
-READER_VERSION = 2
+READER_VERSION = 3
 
 # Below this many files a process pool costs more than it saves.
 PARALLEL_THRESHOLD = 64
@@ -56,9 +56,13 @@ def load_module_ref(ref: str, *, jobs: int | None = None) -> list[ModuleInfo]:
         root = debian.fetch_image(ref[len(DEBIAN_IMAGE_PREFIX):])
         return read_module_tree(root / "lib/modules", jobs=jobs)
     path = Path(ref)
-    if path.is_dir():
-        return read_module_tree(path, jobs=jobs)
-    if not path.exists():
+    kind = path_kind(ref, "a module reference")
+    if kind == "dir":
+        modules = read_module_tree(path, jobs=jobs)
+        if not modules:
+            raise UserError("no kernel modules (.ko, .ko.xz, .ko.zst, .ko.gz) here", where=ref)
+        return modules
+    if kind is None:
         raise UserError(
             "no such file or directory, and not a known reference "
             "(a .ko file, a directory, a .deb/.rpm, debian-image:<release>)",
@@ -120,16 +124,16 @@ _Record = tuple[Any, ...]
 def _to_record(m: ModuleInfo) -> _Record:
     exports = [(e.symbol, e.export_type.value, e.namespace, e.crc) for e in m.exports]
     return (m.name, m.path, m.machine, m.modinfo, m.versions, exports, m.undefined,
-            m.weak_undefined, m.sha256)
+            m.weak_undefined, m.sha256, m.origin_kind)
 
 
 def _from_record(r: _Record) -> ModuleInfo:
-    name, path, machine, modinfo, versions, exports, undefined, weak, sha = r
+    name, path, machine, modinfo, versions, exports, undefined, weak, sha, origin_kind = r
     return ModuleInfo(
         name=name, path=path, machine=machine, modinfo=modinfo,
         versions=versions,
         exports=[ModuleExport(s, ExportType(t), ns, crc) for s, t, ns, crc in exports],
-        undefined=undefined, weak_undefined=weak, sha256=sha,
+        undefined=undefined, weak_undefined=weak, sha256=sha, origin_kind=origin_kind,
     )
 
 
@@ -162,13 +166,15 @@ class ModuleIndex:
             self.entries = loaded
 
     def lookup(self, path: str) -> ModuleInfo | None:
-        entry = self.entries.get(path)
-        if entry is None or entry[0] != _stat_key(path):
-            return None
+        """The cached parse of *path* if the file is unchanged; None otherwise,
+        including for an entry of an unexpected shape (a damaged index)."""
         try:
-            return _from_record(entry[1])
-        except (TypeError, ValueError):
-            return None  # a record from an older layout: parse the file again
+            key, record = self.entries[path]
+            if key != _stat_key(path):
+                return None
+            return _from_record(record)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return None
 
     def save(self, modules: list[tuple[str, ModuleInfo]]) -> None:
         entries = {path: (_stat_key(path), _to_record(module)) for path, module in modules}
