@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmodgate.abi.kconfig import MACHINE_OF_ARCH, parse_config
-from kmodgate.build.sandbox import Mount
+from kmodgate.build.sandbox import HIDDEN_DIRS, SCRATCH_DIRS, Mount
 from kmodgate.cache import atomic_write_bytes, cache_subdir, staging_dir
 from kmodgate.errors import InfraError, UserError
 from kmodgate.sources import debian
@@ -244,14 +244,14 @@ def _from_roots(ref: str, roots: Sequence[Path], identity_seed: str | None) -> K
 
 
 def _host_tree(ref: str, tree: Path) -> KernelTree:
-    """A tree installed on the host: the read-only root already shows it where it is."""
+    """A tree installed on the host.  The sandbox hides the host's /usr/src and
+    /lib/modules (a build sees only the kernel it is checked against), so the
+    tree and what it reaches are mounted back at their own paths."""
     release = tree_release(tree)
-    mounts: list[Mount] = []
-    build = Path("/lib/modules") / release / "build"
-    if not build.exists() or build.resolve() != tree:
-        mounts.append(Mount(_build_link_dir(release, str(tree)), f"/lib/modules/{release}"))
-    identity = _content_identity(_host_tree_dirs(tree), tree)
-    return _kernel_tree(ref, tree, release, str(tree), mounts, identity)
+    dirs = _host_tree_dirs(tree)
+    mounts = [Mount(d, str(d)) for d in dirs]
+    mounts.append(Mount(_build_link_dir(release, str(tree)), f"/lib/modules/{release}"))
+    return _kernel_tree(ref, tree, release, str(tree), mounts, _content_identity(dirs, tree))
 
 
 def _host_tree_dirs(tree: Path) -> list[Path]:
@@ -310,7 +310,10 @@ def placeable_mounts(desired: Sequence[Mount]) -> list[Mount]:
     /usr/src) is replaced by a "view": a directory holding a placeholder for
     each of the host's entries plus the new mount points, with every host
     entry bound back over its placeholder.  Inside, the ancestor looks as on
-    the host, with the kernel's trees added.  Targets are canonicalised
+    the host, with the kernel's trees added -- except where the sandbox hides
+    the host's directory (its own /usr/src and /lib/modules: a build sees only
+    the kernel it is checked against), whose view holds the new mount points
+    alone.  Targets are canonicalised
     first (/lib is a symlink to /usr/lib on merged-/usr systems), so nested
     anchors (/usr/lib for kbuild, /usr/lib/modules for the release) are seen
     as nested and applied parents first; every target then exists, and the
@@ -331,14 +334,20 @@ def placeable_mounts(desired: Sequence[Mount]) -> list[Mount]:
             views.setdefault(anchor, {})[os.path.relpath(target, anchor)] = link
         if link is None:
             out.append(Mount(m.source, target, m.writable))
+    hidden = [os.path.realpath(d) for d in (*HIDDEN_DIRS, *SCRATCH_DIRS)]
     for anchor, needed in sorted(views.items()):
-        view, entries = _view_dir(anchor, needed)
+        show_host = not _under_any(anchor, hidden)
+        view, entries = _view_dir(anchor, needed, show_host=show_host)
         out.append(Mount(view, anchor))
         for name, kind in entries:
             host = os.path.join(anchor, name)
-            if kind != "l" and host not in views:
+            if kind != "l" and host not in views and not _under_any(host, hidden):
                 out.append(Mount(Path(host), host))
     return out
+
+
+def _under_any(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
 def _canonical(target: str) -> str:
@@ -351,13 +360,13 @@ def _canonical(target: str) -> str:
     return os.path.join(real, tail) if tail else real
 
 
-def _view_dir(anchor: str, needed: Mapping[str, str | None]) -> tuple[
+def _view_dir(anchor: str, needed: Mapping[str, str | None], *, show_host: bool) -> tuple[
         Path, list[tuple[str, str]]]:
-    """A directory mirroring *anchor*'s entries as placeholders, plus the *needed*
-    mount points and symlinks."""
+    """A directory mirroring *anchor*'s entries as placeholders (if *show_host*),
+    plus the *needed* mount points and symlinks."""
     entries: list[tuple[str, str]] = []
     links: dict[str, str] = {}
-    for entry in sorted(os.scandir(anchor), key=lambda e: e.name):
+    for entry in sorted(os.scandir(anchor) if show_host else [], key=lambda e: e.name):
         if entry.is_symlink():
             entries.append((entry.name, "l"))
             links[entry.name] = os.readlink(entry.path)
