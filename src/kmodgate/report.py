@@ -7,6 +7,7 @@ from typing import Any
 from kmodgate.abi.compare import Verdict
 from kmodgate.abi.diff import KernelDiff
 from kmodgate.abi.model import KernelABI, ModuleInfo
+from kmodgate.advise.advice import Advice
 
 
 def crc_text(crc: int | None) -> str | None:
@@ -88,4 +89,43 @@ def diff_json(d: KernelDiff) -> dict[str, Any]:
             for old, new, breaking in d.impact
         ],
         "stablelisted_changes": [c.to_json() for c in d.stablelisted],
+    }
+
+
+def advice_json(a: Advice, top: int) -> dict[str, Any]:
+    return {
+        "base": a.base,
+        "line": a.line,
+        "reference": a.reference.release,
+        "survival": [
+            {"kernel": p.release, "modules": p.total, "loading": p.loading,
+             "share": p.share, "loading_if_kept": p.loading_if_kept,
+             "share_if_kept": p.share_if_kept}
+            for p in a.survival
+        ],
+        "churn": {
+            line: {
+                "kernels": lc.releases,
+                "changed_per_update": lc.changed_per_update,
+                "subsystems": dict(lc.subsystem_changes(a.reference).most_common(top)),
+            }
+            for line, lc in a.churn.items()
+        },
+        "symbols": [
+            {"rank": u.rank, "symbol": u.symbol, "modules": u.modules, "users": len(u.modules),
+             "export_type": u.export_type, "provider": u.provider,
+             "stablelisted": u.stablelisted, "crc_changes": u.changes, "updates": u.updates,
+             "churn": {line: {"changes": c, "updates": n, "last_change": last}
+                       for line, (c, n, last) in u.churn.items()},
+             "why": u.why}
+            for u in a.usage[:top]
+        ],
+        "symbols_total": len(a.usage),
+        "coverage": [
+            {"module": c.module, "used": c.used, "covered": c.covered, "share": c.share,
+             "uncovered": c.uncovered}
+            for c in a.coverage
+        ],
+        "proposal": {"symbols": a.proposal, "coverage": a.proposal_coverage,
+                     "target": a.coverage_target},
     }

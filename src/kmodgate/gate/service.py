@@ -16,7 +16,7 @@ from typing import Any
 from kmodgate.config import Config, SourceConfig
 from kmodgate.errors import UserError
 from kmodgate.gate import policy, regressions, waivers
-from kmodgate.gate.streams import kernel_line
+from kmodgate.lines import kernel_line
 from kmodgate.notify import events as notify_events
 from kmodgate.notify.email import EmailSender
 from kmodgate.notify.outbox import DeliveryReport, Outbox, Sender

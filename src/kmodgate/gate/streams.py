@@ -9,7 +9,6 @@ holds one current kernel per line: the last one promoted into it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,27 +18,6 @@ from sqlalchemy.orm import Session
 
 from kmodgate.sources.debian import release_sort_key
 from kmodgate.store.models import Kernel, Pin, Promotion
-
-# 6.1.0-56-amd64, 6.12.57+deb12-amd64, 6.1.0-56-rt-amd64, 6.9.7+bpo-cloud-amd64
-_DEBIAN_RE = re.compile(r"^(\d+)\.(\d+)(?:\.\d+)*(?:-\d+)?(?:\+[\w.~]+)?-([a-z][\w-]*)$")
-# 5.14.0-427.13.1.el9_4.x86_64, 6.8.9-300.fc40.x86_64, 6.8.0-1.x86_64+debug
-_RPM_RE = re.compile(r"^(\d+)\.(\d+)(?:\.\d+)*-[\w.]+?\.(x86_64|aarch64|ppc64le|s390x|i686)"
-                     r"(?:\+(\w+))?$")
-_SERIES_RE = re.compile(r"^(\d+)\.(\d+)")
-
-
-def kernel_line(release: str) -> str:
-    """The line a release belongs to: "6.1.0-56-amd64" -> "6.1/amd64"."""
-    m = _DEBIAN_RE.match(release)
-    if m:
-        return f"{m.group(1)}.{m.group(2)}/{m.group(3)}"
-    m = _RPM_RE.match(release)
-    if m:
-        flavour = m.group(3) + (f"+{m.group(4)}" if m.group(4) else "")
-        return f"{m.group(1)}.{m.group(2)}/{flavour}"
-    m = _SERIES_RE.match(release)
-    # Unknown shapes (a locally built kernel): one line per series, flavour unknown.
-    return f"{m.group(1)}.{m.group(2)}/unknown" if m else f"{release}/unknown"
 
 
 def kernel_sort_key(kernel: Kernel, by_package: bool) -> tuple[Any, ...]:

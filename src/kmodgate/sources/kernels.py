@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from kmodgate.abi.compression import decompress
@@ -23,12 +24,33 @@ from kmodgate.abi.kconfig import (
 from kmodgate.abi.model import KernelABI
 from kmodgate.abi.symvers import parse_symvers
 from kmodgate.errors import UserError
+from kmodgate.lines import kernel_line
 from kmodgate.sources import debian, rpm
 from kmodgate.sources.files import path_kind, read_file
 
 DEBIAN_PREFIX = "debian:"
+DEBIAN_LINE_PREFIX = "debian-line:"
 _UTS_RELEASE_RE = re.compile(r'#define\s+UTS_RELEASE\s+"([^"]+)"')
 _ARCH_RE = re.compile(r"^\s*(?:override\s+)?(?:SRC)?ARCH\s*[:?]?=\s*(\S+)", re.MULTILINE)
+
+
+def expand_kernel_refs(refs: Iterable[str]) -> list[str]:
+    """Each ``debian-line:<series>/<flavour>`` (e.g. ``debian-line:6.1/amd64``) becomes
+    every release of that line the archive offers, oldest first; others stay."""
+    out: list[str] = []
+    for ref in refs:
+        if not ref.startswith(DEBIAN_LINE_PREFIX):
+            out.append(ref)
+            continue
+        line = ref[len(DEBIAN_LINE_PREFIX):]
+        flavour = line.partition("/")[2]
+        releases = [r for r in debian.available_kernel_releases(flavour or None)
+                    if kernel_line(r) == line]
+        if not releases:
+            raise UserError(f"no kernel of line {line!r} in the host's apt sources "
+                            "(see `kmodgate kernels --available`)", where=ref)
+        out.extend(DEBIAN_PREFIX + r for r in releases)
+    return out
 
 
 def load_kernel(ref: str) -> KernelABI:
