@@ -172,7 +172,7 @@ def _debian_roots(release: str) -> list[Path]:
     unchanged second run skips them.
     """
     memo = cache_subdir("build-trees") / "debian-roots.json"
-    key = f"{release}\0{_apt_lists_state()}"
+    key = f"{release}\0{apt_lists_state()}"
     try:
         known: dict[str, list[str]] = json.loads(memo.read_text())
     except (OSError, ValueError):
@@ -186,13 +186,13 @@ def _debian_roots(release: str) -> list[Path]:
         known = json.loads(memo.read_text())
     except (OSError, ValueError):
         known = {}
-    known = {k: v for k, v in known.items() if k.endswith(_apt_lists_state())}
+    known = {k: v for k, v in known.items() if k.endswith(apt_lists_state())}
     known[key] = [str(r) for r in roots]
     atomic_write_bytes(memo, json.dumps(known, sort_keys=True).encode())
     return roots
 
 
-def _apt_lists_state() -> str:
+def apt_lists_state() -> str:
     """A digest of apt's package lists: names, sizes and times of every index file."""
     lists = Path("/var/lib/apt/lists")
     h = hashlib.sha256()
