@@ -13,9 +13,10 @@ from kmodgate.abi.compare import Outcome, Verdict, check_module, companion_expor
 from kmodgate.abi.diff import Change, diff_kernels
 from kmodgate.abi.model import KernelABI, ModuleInfo
 from kmodgate.abi.stablelist import parse_stablelist
-from kmodgate.cli import JobsOpt, JsonOpt, app, emit_json, inspect_app, out
-from kmodgate.errors import EXIT_FAIL, EXIT_PASS, UserError
+from kmodgate.cli import JobsOpt, JsonOpt, app, emit_json, err, inspect_app, out
+from kmodgate.errors import EXIT_FAIL, EXIT_INFRA_ERROR, EXIT_PASS, UserError
 from kmodgate.report import diff_json, kernel_json, module_json, verdict_json
+from kmodgate.results import CheckResult
 
 
 @app.command("kernels")
@@ -97,11 +98,15 @@ def check_cmd(
     jobs: JobsOpt = None,
 ) -> None:
     """Check every module against every kernel; exit 1 if any fails."""
-    from kmodgate.sources.kernels import load_kernel
+    from kmodgate.sources.kernels import expand_kernel_refs, load_kernel
     from kmodgate.sources.modules import load_module_ref
 
-    if kind != "abi":
-        raise UserError(f"unknown check kind {kind!r}: this version knows 'abi'")
+    if kind not in ("abi", "build"):
+        raise UserError(f"unknown check kind {kind!r}: expected abi or build")
+    kernel_refs = expand_kernel_refs(kernel_refs)
+    if kind == "build" or any(is_source_ref(r) for r in module_refs):
+        check_sources(kind, kernel_refs, module_refs, as_json, jobs)
+        return
     kernels = [load_kernel(r) for r in kernel_refs]
     groups = [(r, load_module_ref(r, jobs=jobs)) for r in module_refs]
     cells: list[tuple[str, KernelABI, list[Verdict]]] = []
@@ -123,6 +128,80 @@ def check_cmd(
         for ref, kernel, vs in cells:
             out.print(survival_line(ref, kernel, vs), soft_wrap=True)
     raise typer.Exit(EXIT_FAIL if failed else EXIT_PASS)
+
+
+def is_source_ref(ref: str) -> bool:
+    """A module *source* (built by the build check) rather than module binaries."""
+    if ref.startswith("git+") or ref.endswith(("-dkms", ".tar.gz", ".tgz", ".tar.xz",
+                                                ".txz", ".tar.bz2", ".tar")):
+        return True
+    return Path(ref, "dkms.conf").is_file()
+
+
+def check_sources(kind: str, kernel_refs: list[str], source_refs: list[str], as_json: bool,
+                  jobs: int | None) -> None:
+    """Build every source against every kernel; with --kind abi, check the binaries
+    built for each kernel against every kernel (the carry-over question)."""
+    from rich.progress import Progress
+
+    from kmodgate.build.carryover import carryover
+    from kmodgate.build.matrix import run_build_matrix
+    from kmodgate.sources.kernels import load_kernel
+
+    bad = [r for r in source_refs if not is_source_ref(r)]
+    if bad:
+        raise UserError(f"{bad[0]}: not a module source (a -dkms package, a directory with "
+                        "dkms.conf, git+<repo>@<ref>, a tarball); --kind build needs sources")
+    total = len(kernel_refs) * len(source_refs)
+    with Progress(console=err, transient=True, disable=as_json) as progress:
+        task = progress.add_task("building", total=total)
+
+        def advance(result: CheckResult) -> None:
+            progress.advance(task)
+            progress.update(task, description=f"{result.module} on {result.kernel}")
+
+        builds = run_build_matrix(kernel_refs, source_refs, jobs=jobs, on_result=advance)
+    results = builds
+    if kind == "abi":
+        results = list(carryover(builds, [load_kernel(r) for r in kernel_refs]))
+    if as_json:
+        emit_json({"results": [r.to_json() for r in results],
+                   "summary": dict(Counter(r.outcome.value for r in results))})
+    else:
+        render_result_matrix(results, by_built_for=kind == "abi")
+    outcomes = {r.outcome for r in results}
+    raise typer.Exit(EXIT_FAIL if Outcome.FAIL in outcomes else
+                     EXIT_INFRA_ERROR if Outcome.ERROR in outcomes else EXIT_PASS)
+
+
+def render_result_matrix(results: list[CheckResult], *, by_built_for: bool) -> None:
+    """Modules (or, for carry-over, builds) down, kernels across, first reason below."""
+    kernels = list(dict.fromkeys(r.kernel for r in results))
+
+    def row_key(r: CheckResult) -> str:
+        return f"{r.module} (built for {r.details['built_for']})" if by_built_for else r.module
+
+    rows: dict[str, dict[str, CheckResult]] = {}
+    for r in results:
+        rows.setdefault(row_key(r), {})[r.kernel] = r
+    colours = {"pass": "green", "fail": "red", "skip": "yellow", "error": "magenta"}
+    table = Table("module", *kernels)
+    for name, cells in rows.items():
+        row = []
+        for k in kernels:
+            cell = cells.get(k)
+            if cell is None:
+                row.append("")
+                continue
+            text = f"[{colours[cell.outcome.value]}]{cell.outcome.value}[/]"
+            if cell.reasons:
+                text += "\n" + str(cell.reasons[0].get("message", ""))[:120]
+            row.append(text)
+        table.add_row(name, *row)
+    out.print(table)
+    for r in results:
+        if r.outcome in (Outcome.FAIL, Outcome.ERROR) and r.reproducer:
+            out.print(f"reproduce {r.module} on {r.kernel}: {r.reproducer}", soft_wrap=True)
 
 
 # Past this many rows a table stops being read: show failures and a summary.

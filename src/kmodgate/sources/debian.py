@@ -84,7 +84,10 @@ def package_info(name: str) -> AptPackage | None:
     if proc.returncode != 0 or not proc.stdout.strip():
         return None
     fields = Deb822(proc.stdout)
-    depends = [alt[0]["name"] for alt in PkgRelation.parse_relations(fields.get("Depends", ""))]
+    # parse_relations() logs a warning for an empty field; a package may have none.
+    relations = fields.get("Depends", "").strip()
+    parsed = PkgRelation.parse_relations(relations) if relations else []
+    depends = [alt[0]["name"] for alt in parsed]
     return AptPackage(fields["Package"], fields["Version"], depends, fields.get("Filename", ""))
 
 
