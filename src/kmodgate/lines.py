@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from kmodgate.sources.debian import release_sort_key
+from debian.debian_support import Version
 
 # 6.1.0-56-amd64, 6.12.57+deb12-amd64, 6.1.0-56-rt-amd64, 6.9.7+bpo-cloud-amd64
 _DEBIAN_RE = re.compile(r"^(\d+)\.(\d+)(?:\.\d+)*(?:-\d+)?(?:\+[\w.~]+)?-([a-z][\w-]*)$")
@@ -31,6 +31,19 @@ def kernel_line(release: str) -> str:
     m = _SERIES_RE.match(release)
     # Unknown shapes (a locally built kernel): one line per series, flavour unknown.
     return f"{m.group(1)}.{m.group(2)}/unknown" if m else f"{release}/unknown"
+
+
+def release_sort_key(release: str) -> tuple[Version, str]:
+    """Order releases as their ABI versions order: 6.1.0-9 < 6.1.0-47 < 6.12.107+deb12."""
+    m = re.match(r"^(\d+\.\d+\.\d+(?:-\d+)?(?:\+\w+)?)-?(.*)$", release)
+    if m:
+        return Version(m.group(1)), m.group(2)
+    return Version("0"), release
+
+
+def kernel_flavour(release: str) -> str:
+    """"6.1.0-56-cloud-amd64" -> "cloud-amd64"."""
+    return kernel_line(release).partition("/")[2]
 
 
 def group_by_line(releases: Iterable[str]) -> dict[str, list[str]]:

@@ -18,8 +18,7 @@ from kmodgate.advise.usage import (
     symbol_usage,
 )
 from kmodgate.errors import UserError
-from kmodgate.lines import kernel_line
-from kmodgate.sources.debian import release_sort_key
+from kmodgate.lines import kernel_line, release_sort_key
 
 
 @dataclass(slots=True)

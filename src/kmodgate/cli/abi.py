@@ -17,6 +17,7 @@ from kmodgate.cli import JobsOpt, JsonOpt, app, emit_json, err, inspect_app, out
 from kmodgate.errors import EXIT_FAIL, EXIT_INFRA_ERROR, EXIT_PASS, UserError
 from kmodgate.report import diff_json, kernel_json, module_json, verdict_json
 from kmodgate.results import CheckResult
+from kmodgate.sources.module_sources import is_source_ref
 
 
 @app.command("kernels")
@@ -128,14 +129,6 @@ def check_cmd(
         for ref, kernel, vs in cells:
             out.print(survival_line(ref, kernel, vs), soft_wrap=True)
     raise typer.Exit(EXIT_FAIL if failed else EXIT_PASS)
-
-
-def is_source_ref(ref: str) -> bool:
-    """A module *source* (built by the build check) rather than module binaries."""
-    if ref.startswith("git+") or ref.endswith(("-dkms", ".tar.gz", ".tgz", ".tar.xz",
-                                                ".txz", ".tar.bz2", ".tar")):
-        return True
-    return Path(ref, "dkms.conf").is_file()
 
 
 def check_sources(kind: str, kernel_refs: list[str], source_refs: list[str], as_json: bool,

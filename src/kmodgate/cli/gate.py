@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -229,3 +230,38 @@ def history_cmd(
     out.print(table)
     open_count = len(data["open"])
     out.print(f"{module}: {open_count} open regression{'s' if open_count != 1 else ''}")
+
+
+@app.command("sync")
+def sync_cmd(
+    config: ConfigOpt = None, db: DbOpt = None, as_json: JsonOpt = False,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Parallel compile jobs "
+                                             "(default: every core).")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Keep syncing.")] = False,
+    interval: Annotated[str, typer.Option("--interval", help="Pause between passes with "
+                                          "--watch, e.g. 30m, 1h.")] = "1h",
+) -> None:
+    """Find new kernels and module versions, run the missing checks, record them,
+    and notify; idempotent, and safe to kill and rerun."""
+    from kmodgate.sync import sync
+
+    pause = parse_duration(interval)
+    if pause is None or pause.total_seconds() <= 0:
+        raise UserError(f"--interval: expected a duration like 30m or 1h, got {interval!r}")
+    while True:
+        with open_gate(config, db) as gate:
+            report = sync(gate, jobs=jobs)
+        if as_json:
+            emit_json(report.to_json())
+        else:
+            outcomes = ", ".join(f"{n} {k}" for k, n in sorted(report.outcomes.items()))
+            out.print(f"{len(report.kernels)} kernels; results "
+                      f"{report.results.get('new', 0)} new, "
+                      f"{report.results.get('unchanged', 0)} unchanged ({outcomes or 'none'}); "
+                      f"{len(report.events)} events, {report.delivered} notifications sent",
+                      soft_wrap=True)
+            for e in report.events:
+                out.print(f"  {e['kind']}: {e['key']}", soft_wrap=True)
+        if not watch:
+            return
+        time.sleep(pause.total_seconds())

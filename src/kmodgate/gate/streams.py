@@ -3,7 +3,7 @@
 A *line* is a series and a flavour ("6.1/amd64", "6.12/cloud-amd64"): the
 kernels one package name stream upgrades through.  Within a line kernels are
 ordered by package version when every kernel has one, else by release
-(kmodgate.sources.debian.release_sort_key: 6.1.0-9 < 6.1.0-47).  A stream
+(kmodgate.lines.release_sort_key: 6.1.0-9 < 6.1.0-47).  A stream
 holds one current kernel per line: the last one promoted into it.
 """
 
@@ -16,7 +16,7 @@ from debian.debian_support import Version
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from kmodgate.sources.debian import release_sort_key
+from kmodgate.lines import release_sort_key
 from kmodgate.store.models import Kernel, Pin, Promotion
 
 

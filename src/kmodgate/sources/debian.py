@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from debian.deb822 import Deb822, PkgRelation
-from debian.debian_support import Version
 
 from kmodgate.cache import cache_subdir, staging_dir
 from kmodgate.errors import InfraError, UserError
+from kmodgate.lines import kernel_flavour, release_sort_key
 
 # A kernel release as Debian names its packages: "6.1.0-56-amd64",
 # "6.12.117+deb12-cloud-amd64".  Meta-packages ("6.12-amd64", "amd64") have
@@ -53,7 +53,8 @@ def _last_line(text: str) -> str:
 
 
 def available_kernel_releases(flavour: str | None = None) -> list[str]:
-    """Kernel releases the host's apt sources offer headers for, oldest first."""
+    """Kernel releases the host's apt sources offer headers for, oldest first;
+    with *flavour*, only that flavour ("amd64" is not "cloud-amd64")."""
     proc = _run(["apt-cache", "search", "--names-only", f"^{HEADERS_PREFIX}"],
                 "list the kernels the archive offers")
     if proc.returncode != 0:
@@ -64,18 +65,10 @@ def available_kernel_releases(flavour: str | None = None) -> list[str]:
         release = name[len(HEADERS_PREFIX):]
         if not RELEASE_RE.match(release) or release.endswith(COMMON_SUFFIXES):
             continue
-        if flavour and not release.endswith("-" + flavour):
+        if flavour and kernel_flavour(release) != flavour:
             continue
         releases.append(release)
     return sorted(set(releases), key=release_sort_key)
-
-
-def release_sort_key(release: str) -> tuple[Version, str]:
-    """Order releases as their ABI versions order: 6.1.0-9 < 6.1.0-47 < 6.12.107+deb12."""
-    m = re.match(r"^(\d+\.\d+\.\d+(?:-\d+)?(?:\+\w+)?)-?(.*)$", release)
-    if m:
-        return Version(m.group(1)), m.group(2)
-    return Version("0"), release
 
 
 def package_info(name: str) -> AptPackage | None:
@@ -89,6 +82,18 @@ def package_info(name: str) -> AptPackage | None:
     parsed = PkgRelation.parse_relations(relations) if relations else []
     depends = [alt[0]["name"] for alt in parsed]
     return AptPackage(fields["Package"], fields["Version"], depends, fields.get("Filename", ""))
+
+
+def package_versions(names: list[str]) -> dict[str, str]:
+    """Candidate versions of many packages in one apt-cache call (unknown ones absent)."""
+    if not names:
+        return {}
+    proc = _run(["apt-cache", "show", "--no-all-versions", *names], "look up package versions")
+    versions: dict[str, str] = {}
+    for stanza in Deb822.iter_paragraphs(proc.stdout):
+        if "Package" in stanza and "Version" in stanza:
+            versions.setdefault(stanza["Package"], stanza["Version"])
+    return versions
 
 
 def download(name: str) -> Path:

@@ -52,6 +52,14 @@ class ModuleSource:
     build_depends: tuple[str, ...]  # a -dkms package's Debian Depends (minus dkms itself)
 
 
+def is_source_ref(ref: str) -> bool:
+    """Whether *ref*, in a module position, names a module *source* (built by the
+    build check) rather than module binaries (read by the abi check)."""
+    if ref.startswith((DEBIAN_PREFIX, GIT_PREFIX)) or ref.endswith(TARBALL_SUFFIXES):
+        return True
+    return Path(ref, "dkms.conf").is_file()
+
+
 def load_source(ref: str) -> ModuleSource:
     """The module source *ref* names; UserError with one clear line if it names none."""
     if ref.startswith(DEBIAN_PREFIX):
