@@ -322,19 +322,26 @@ def placeable_mounts(desired: Sequence[Mount]) -> list[Mount]:
     out: list[Mount] = []
     # anchor -> {path below it: symlink target, or None for a mount point}
     views: dict[str, dict[str, str | None]] = {}
+    hidden = [os.path.realpath(d) for d in (*HIDDEN_DIRS, *SCRATCH_DIRS)]
+
+    def exists_inside(path: str) -> bool:
+        # The sandbox empties its hidden directories: what the host keeps below
+        # them (headers installed in the host's /usr/src) is not there inside.
+        return os.path.isdir(path) and (path in hidden or not _under_any(path, hidden))
+
     for m in desired:
         target = _canonical(m.target)
         link = os.readlink(m.source) if m.source.is_symlink() else None
-        if link is not None and os.path.lexists(target):
+        if link is not None and os.path.lexists(target) and exists_inside(
+                os.path.dirname(target)):
             continue  # the host has that link already (e.g. /usr/src/linux-kbuild-6.1)
         anchor = target
-        while not os.path.isdir(anchor) and anchor != "/":
+        while not exists_inside(anchor) and anchor != "/":
             anchor = os.path.dirname(anchor)
         if anchor != target:
             views.setdefault(anchor, {})[os.path.relpath(target, anchor)] = link
         if link is None:
             out.append(Mount(m.source, target, m.writable))
-    hidden = [os.path.realpath(d) for d in (*HIDDEN_DIRS, *SCRATCH_DIRS)]
     for anchor, needed in sorted(views.items()):
         show_host = not _under_any(anchor, hidden)
         view, entries = _view_dir(anchor, needed, show_host=show_host)

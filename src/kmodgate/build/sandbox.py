@@ -453,9 +453,14 @@ def _supervise(cmd: list[str], env: dict[str, str], pass_fds: list[int], info_r:
     wall = time.monotonic() - start
     cpu = max(peak_cpu, rusage.ru_utime + rusage.ru_stime)
     output = b"".join(chunks)
-    if child_pid is None and limit_hit is None:
-        # bwrap reports the sandbox's pid once it is set up; without it, bwrap
-        # itself failed (no user namespaces, a bad mount...).
+    # bwrap reports the sandbox's pid once its namespaces exist; without it,
+    # bwrap itself failed (no user namespaces...).  The child then sets up the
+    # mounts and can still fail before running anything: bwrap says so on the
+    # first line, prefixed "bwrap: ", and exits 1.  Either is kmodgate's
+    # failure, never the module's.  (A module printing the prefix itself only
+    # turns its own failure into an error, which blocks a gate all the same.)
+    setup_failed = proc.returncode == 1 and output.startswith(b"bwrap: ")
+    if (child_pid is None or setup_failed) and limit_hit is None:
         lines = output.decode("utf-8", "replace").strip().splitlines()
         raise InfraError("bubblewrap could not set up the sandbox: "
                          + (lines[-1] if lines else f"exit status {proc.returncode}"))
