@@ -22,9 +22,10 @@ import pytest
 
 from conftest import require_tool
 from kmodgate.abi.compare import Outcome, ReasonCode, check_module
-from kmodgate.boot.kernel_image import load_kernel_image
-from kmodgate.boot.loadcheck import OOPS, VM_ERROR, agreement, run_load_checks
-from kmodgate.boot.qemu import choose_accelerator
+from kmodgate.boot import initramfs
+from kmodgate.boot.kernel_image import boot_kernel, load_kernel_image
+from kmodgate.boot.loadcheck import KERNEL_CMDLINE, OOPS, VM_ERROR, agreement, run_load_checks
+from kmodgate.boot.qemu import Accelerator, boot_command, choose_accelerator, run_qemu
 from kmodgate.errors import UserError
 from kmodgate.results import CheckResult, abi_result
 from kmodgate.sources import debian
@@ -164,6 +165,23 @@ def test_accelerator_is_detected_and_stated() -> None:
         flags = f.read()
     if not re.search(r"\b(vmx|svm)\b", flags):
         assert accel.name == "tcg", accel  # no hardware virtualisation: KVM cannot work
+
+
+def test_a_kernel_stalling_under_kvm_is_noticed(releases: dict[str, str],
+                                                tmp_path: Path) -> None:
+    """Where /dev/kvm exists without hardware virtualisation (these CI hosts),
+    a real kernel makes no progress under KVM: the progress limit must see it."""
+    require_tool("qemu-system-x86_64")
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    if not Path("/dev/kvm").exists() or re.search(r"\b(vmx|svm)\b", flags):
+        pytest.skip("needs /dev/kvm on a CPU without VMX/SVM, where KVM guests hang")
+    image = load_kernel_image(f"debian:{releases['61']}")
+    initrd = initramfs.write_initramfs([], initramfs.busybox_binary(), tmp_path / "i.cpio")
+    kvm = Accelerator("kvm", "pretend the probe passed")
+    run = run_qemu(boot_command(kvm, boot_kernel(image.vmlinuz), initrd, KERNEL_CMDLINE),
+                   kvm, timeout=60, progress=(initramfs.MARK_BOOTED, 5.0))
+    assert run.stalled and not run.finished and run.duration_seconds < 30
 
 
 def test_61_own_module_loads(boot_61: dict[str, CheckResult], modules: dict[str, Path],

@@ -40,7 +40,15 @@ from kmodgate.abi.model import ModuleInfo
 from kmodgate.boot import initramfs
 from kmodgate.boot.initramfs import LoadStep
 from kmodgate.boot.kernel_image import KernelImage, boot_kernel, load_kernel_image
-from kmodgate.boot.qemu import Accelerator, BootRun, boot_command, choose_accelerator, run_qemu
+from kmodgate.boot.qemu import (
+    KVM_BOOT_PROGRESS_TIMEOUT,
+    Accelerator,
+    BootRun,
+    boot_command,
+    choose_accelerator,
+    demote_kvm,
+    run_qemu,
+)
 from kmodgate.cache import atomic_write_bytes, cache_subdir
 from kmodgate.errors import UserError
 from kmodgate.results import CheckResult
@@ -362,6 +370,7 @@ def run_load_checks(
         boots += 1
         boot = _boot_once(image, kernel_file, group, accel, busybox, boots, timeout=timeout,
                           memory_mb=memory_mb, exclude=crashed)
+        accel = boot.run.accelerator  # TCG from now on if KVM stalled
         report = boot.report
         crashed_step = report.crashed_step
         vm_failed = crashed_step is None and not report.done
@@ -369,7 +378,7 @@ def run_load_checks(
         rerun: list[ModuleUnderTest] = []
         for m in group:
             step = step_reports.get(m.info.name)
-            r = _result_for(m, image, kernel_ref, accel, boot, step, kernel_id,
+            r = _result_for(m, image, kernel_ref, boot, step, kernel_id,
                             crashed_step, vm_failed, timeout)
             if r is None:
                 rerun.append(m)
@@ -383,7 +392,7 @@ def run_load_checks(
         else:
             for m in rerun:
                 results[position[id(m)]] = _vm_error(
-                    m, image, kernel_ref, accel, boot, kernel_id,
+                    m, image, kernel_ref, boot, kernel_id,
                     _vm_failure_message(boot, timeout))
     return [results[i] for i in range(len(modules))]
 
@@ -434,13 +443,31 @@ def _boot_once(
         initrd = initramfs.write_initramfs(steps, busybox, Path(tmp) / "initramfs.cpio")
         command = boot_command(accel, kernel_file, initrd, KERNEL_CMDLINE,
                                memory_mb=memory_mb)
-        run = run_qemu(
-            command, accel, timeout=timeout,
-            done=lambda text: initramfs.MARK_DONE in text or initramfs.MARK_OOPS in text,
-            marks=(initramfs.MARK_BOOTED, initramfs.MARK_DONE),
-        )
+        run = _run(command, accel, timeout)
+        if run.stalled:
+            # The probe guest ran but this kernel did not reach /init: KVM
+            # does not really work here.  Say so for every later boot, and
+            # boot this one again under TCG.
+            accel = demote_kvm(f"a kernel made no progress under KVM within "
+                               f"{KVM_BOOT_PROGRESS_TIMEOUT:.0f} s")
+            command = boot_command(accel, kernel_file, initrd, KERNEL_CMDLINE,
+                                   memory_mb=memory_mb)
+            run = _run(command, accel, timeout)
     report = parse_console(run.console)
     return _Boot(number, run, report, steps, _save_log(run))
+
+
+def _run(command: list[str], accel: Accelerator, timeout: float) -> BootRun:
+    # Under TCG a stall is just slowness, bounded by the time limit; under KVM
+    # it is the sign of a host whose KVM hangs real kernels.
+    progress = ((initramfs.MARK_BOOTED, KVM_BOOT_PROGRESS_TIMEOUT)
+                if accel.name == "kvm" and accel.detected else None)
+    return run_qemu(
+        command, accel, timeout=timeout,
+        done=lambda text: initramfs.MARK_DONE in text or initramfs.MARK_OOPS in text,
+        marks=(initramfs.MARK_BOOTED, initramfs.MARK_DONE),
+        progress=progress,
+    )
 
 
 def _save_log(run: BootRun) -> str | None:
@@ -457,7 +484,6 @@ def _result_for(
     m: ModuleUnderTest,
     image: KernelImage,
     kernel_ref: str,
-    accel: Accelerator,
     boot: _Boot,
     step: StepReport | None,
     kernel_id: str,
@@ -471,23 +497,23 @@ def _result_for(
         if crashed_step is not None and step is not None and crashed_step.name == name:
             # It panicked the kernel inside its own init.
             step.oops = True
-            return _make(m, image, kernel_ref, accel, boot, kernel_id, Outcome.FAIL,
+            return _make(m, image, kernel_ref, boot, kernel_id, Outcome.FAIL,
                          reasons_from_log(_with_console_oops(step, boot.report)), step)
         if crashed_step is not None and crashed_step.name != name:
             if _needs(m, crashed_step.name, image):
-                return _vm_error(m, image, kernel_ref, accel, boot, kernel_id,
+                return _vm_error(m, image, kernel_ref, boot, kernel_id,
                                  f"its dependency {crashed_step.name} crashed the kernel")
             return None  # not reached before the crash: load it in a fresh boot
         if vm_failed and step is not None and step.rc is None:
             # It was loading when the VM stopped answering: the hang may be
             # the module's, but a time limit is not evidence enough to blame it.
-            return _vm_error(m, image, kernel_ref, accel, boot, kernel_id,
+            return _vm_error(m, image, kernel_ref, boot, kernel_id,
                              f"the VM stopped while {name} was loading: "
                              + _vm_failure_message(boot, timeout))
         return None
     reasons = reasons_from_log(step)
     outcome = Outcome.FAIL if reasons else Outcome.PASS
-    return _make(m, image, kernel_ref, accel, boot, kernel_id, outcome, reasons, step)
+    return _make(m, image, kernel_ref, boot, kernel_id, outcome, reasons, step)
 
 
 def _with_console_oops(step: StepReport, report: ConsoleReport) -> StepReport:
@@ -519,20 +545,18 @@ def _vm_error(
     m: ModuleUnderTest,
     image: KernelImage,
     kernel_ref: str,
-    accel: Accelerator,
     boot: _Boot,
     kernel_id: str,
     message: str,
 ) -> CheckResult:
     reasons = [{"code": VM_ERROR, "message": message}]
-    return _make(m, image, kernel_ref, accel, boot, kernel_id, Outcome.ERROR, reasons, None)
+    return _make(m, image, kernel_ref, boot, kernel_id, Outcome.ERROR, reasons, None)
 
 
 def _make(
     m: ModuleUnderTest,
     image: KernelImage,
     kernel_ref: str,
-    accel: Accelerator,
     boot: _Boot,
     kernel_id: str,
     outcome: Outcome,
@@ -540,6 +564,7 @@ def _make(
     step: StepReport | None,
 ) -> CheckResult:
     info = m.info
+    accel = boot.run.accelerator
     details: dict[str, Any] = {
         "module_path": str(m.path),
         "module_sha256": info.sha256,
@@ -547,6 +572,7 @@ def _make(
         "accelerator_reason": accel.reason,
         "boot_number": boot.number,
         "boot_seconds": round(boot.run.duration_seconds, 3),
+        "seconds_to_init": _rounded(boot.run.marks.get(initramfs.MARK_BOOTED)),
         "booted_release": boot.report.booted_release,
     }
     deps = [s.name for s in load_order([m], image) if s.name != info.name]
@@ -583,6 +609,10 @@ def _make(
         duration_seconds=round(boot.run.duration_seconds, 3),
         details=details,
     )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def _file_sha256(path: Path) -> str:

@@ -3,11 +3,14 @@ the serial console as text, and a kill when the guest overstays.
 
 KVM is used only when it really works.  A host can have ``/dev/kvm`` and still
 hang every KVM guest (a nested setup whose CPU exposes no VMX is the case on
-kmodgate's own CI machines), so the probe boots a 512-byte guest under KVM and
-accepts KVM only if that guest prints its marker within a few seconds; else
-everything boots under TCG, the emulator, which is slower but never wrong.
-The verdict is cached per host (CPU flags, host kernel, QEMU version), in
-memory and in the cache directory.
+kmodgate's own CI machines), so the probe boots a 512-byte guest under TCG and
+under KVM and accepts KVM only if the guest prints its marker about as fast
+under KVM as under TCG; else everything boots under TCG, the emulator,
+which is slower but never wrong.  A host can pass that probe and still hang
+a real kernel, so a kernel booted under a detected KVM must also reach /init
+within KVM_BOOT_PROGRESS_TIMEOUT, or KVM is given up (demote_kvm) and the
+boot redone under TCG.  The verdict is cached per host (CPU flags, host
+kernel, QEMU version), in memory and in the cache directory.
 """
 
 from __future__ import annotations
@@ -33,11 +36,21 @@ QEMU = "qemu-system-x86_64"
 ACCELERATORS = ("auto", "kvm", "tcg")
 KVM_DEVICE = Path("/dev/kvm")
 
-# How long a tiny guest may take to show progress under KVM.  Under real KVM
-# the firmware and the boot sector take well under a second.
-KVM_PROBE_TIMEOUT = 8.0
+# How long the probe guest may take under KVM: under working KVM the firmware
+# and the boot sector take a fraction of a second.  It must also be no slower
+# than the same guest under TCG (times KVM_PROBE_SLACK): on kmodgate's CI
+# hosts a KVM guest crawls through real mode in ~6 s (TCG: 0.1 s) and then
+# hangs for good once a kernel starts.
+KVM_PROBE_TIMEOUT = 5.0
+KVM_PROBE_SLACK = 3.0
+KVM_PROBE_FLOOR = 1.0
+# A kernel under a KVM that passed the probe must reach /init this soon, or
+# KVM is given up for TCG (and the boot redone).  Working KVM: about a second.
+KVM_BOOT_PROGRESS_TIMEOUT = 30.0
 
 PROBE_MARKER = "KMODGATE-PROBE"
+# Bump when the detection changes, so verdicts cached by an older one are redone.
+DETECT_VERSION = 2
 
 
 def _probe_boot_sector() -> bytes:
@@ -57,6 +70,7 @@ def _probe_boot_sector() -> bytes:
 class Accelerator:
     name: str  # "kvm" or "tcg"
     reason: str  # why this one, for reports
+    detected: bool = True  # False when the person asked for it by name
 
     @property
     def qemu_args(self) -> list[str]:
@@ -75,6 +89,7 @@ class BootRun:
     stderr: str = ""
     returncode: int | None = None
     timed_out: bool = False
+    stalled: bool = False  # killed because the progress marker did not come in time
     finished: bool = False  # the caller's "done" predicate matched
     duration_seconds: float = 0.0
     # Seconds from start to the first console line matching `first_marker`.
@@ -99,9 +114,9 @@ def choose_accelerator(requested: str = "auto", *, refresh: bool = False) -> Acc
         raise UserError(f"unknown accelerator {requested!r}: expected one of "
                         f"{', '.join(ACCELERATORS)}")
     if requested == "tcg":
-        return Accelerator("tcg", "requested")
+        return Accelerator("tcg", "requested", detected=False)
     if requested == "kvm":
-        return Accelerator("kvm", "requested")
+        return Accelerator("kvm", "requested", detected=False)
     with _detect_lock:
         key = _host_key()
         if not refresh and key in _detected:
@@ -115,10 +130,23 @@ def choose_accelerator(requested: str = "auto", *, refresh: bool = False) -> Acc
                 found = _detect()
         else:
             found = _detect()
-        atomic_write_bytes(cached, json.dumps({"name": found.name,
-                                               "reason": found.reason}).encode())
-        _detected[key] = found
+        _remember(key, found)
         return found
+
+
+def _remember(key: str, found: Accelerator) -> None:
+    cached = cache_subdir("boot") / f"accel-{key}.json"
+    atomic_write_bytes(cached, json.dumps({"name": found.name, "reason": found.reason}).encode())
+    _detected[key] = found
+
+
+def demote_kvm(reason: str) -> Accelerator:
+    """Record that KVM does not really work on this host after all (a real
+    kernel stalled under it) and return the TCG accelerator to use instead."""
+    tcg = Accelerator("tcg", f"{KVM_DEVICE} exists but {reason}")
+    with _detect_lock:
+        _remember(_host_key(), tcg)
+    return tcg
 
 
 def _host_key() -> str:
@@ -134,7 +162,7 @@ def _host_key() -> str:
     if qemu:
         st = os.stat(qemu)
         qemu_id = f"{qemu}:{st.st_size}:{st.st_mtime_ns}"
-    text = f"{flags}|{os.uname().release}|{qemu_id}"
+    text = f"{DETECT_VERSION}|{flags}|{os.uname().release}|{qemu_id}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -143,17 +171,28 @@ def _detect() -> Accelerator:
         return Accelerator("tcg", f"{KVM_DEVICE} does not exist")
     if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
         return Accelerator("tcg", f"{KVM_DEVICE} is not accessible to this user")
-    kvm = Accelerator("kvm", "a probe guest ran under KVM")
-    if probe(kvm, timeout=KVM_PROBE_TIMEOUT):
-        return kvm
+    tcg_seconds = probe_seconds(Accelerator("tcg", "probe"), timeout=60.0)
+    if tcg_seconds is None:
+        raise InfraError(f"{QEMU} could not run a 512-byte guest under TCG")
+    limit = min(KVM_PROBE_TIMEOUT, max(KVM_PROBE_FLOOR, KVM_PROBE_SLACK * tcg_seconds))
+    kvm_seconds = probe_seconds(Accelerator("kvm", "probe"), timeout=limit)
+    if kvm_seconds is not None:
+        return Accelerator("kvm", f"a probe guest ran under KVM in {kvm_seconds:.2f} s "
+                                  f"(TCG: {tcg_seconds:.2f} s)")
     return Accelerator(
         "tcg", f"{KVM_DEVICE} exists but a probe guest made no progress under KVM within "
-        f"{KVM_PROBE_TIMEOUT:.0f} s (no usable hardware virtualisation)"
+        f"{limit:.1f} s (TCG: {tcg_seconds:.2f} s): no usable hardware virtualisation"
     )
 
 
 def probe(accelerator: Accelerator, *, timeout: float) -> bool:
     """Does a 512-byte guest print its marker under *accelerator* in time?"""
+    return probe_seconds(accelerator, timeout=timeout) is not None
+
+
+def probe_seconds(accelerator: Accelerator, *, timeout: float) -> float | None:
+    """Seconds a 512-byte guest takes to print its marker under
+    *accelerator*, or None if it did not within *timeout*."""
     with tempfile.TemporaryDirectory(prefix="kmodgate-probe-") as tmp:
         disk = Path(tmp) / "probe.img"
         disk.write_bytes(_probe_boot_sector())
@@ -163,8 +202,9 @@ def probe(accelerator: Accelerator, *, timeout: float) -> bool:
             "-drive", f"file={disk},format=raw,if=ide",
         ]
         run = run_qemu(command, accelerator, timeout=timeout,
-                       done=lambda text: PROBE_MARKER in text, grace=0.0)
-        return run.finished
+                       done=lambda text: PROBE_MARKER in text, grace=0.0,
+                       marks=(PROBE_MARKER,))
+        return run.marks.get(PROBE_MARKER) if run.finished else None
 
 
 def boot_command(
@@ -194,13 +234,16 @@ def run_qemu(
     done: Callable[[str], bool] | None = None,
     grace: float = 10.0,
     marks: Sequence[str] = (),
+    progress: tuple[str, float] | None = None,
 ) -> BootRun:
     """Run *command*, collecting the serial console until QEMU exits.
 
     The process is killed when *timeout* seconds have passed, or *grace*
     seconds after *done* first holds for the console text (the guest said it
     is finished and should be powering off).  *marks* are console strings
-    whose first appearance is timed, for benchmarks and reports.
+    whose first appearance is timed, for benchmarks and reports.  With
+    *progress* = (marker, seconds), the guest is killed and the run marked
+    ``stalled`` if the marker has not appeared by then.
     """
     run = BootRun(list(command), accelerator)
     start = time.monotonic()
@@ -222,6 +265,9 @@ def run_qemu(
         try:
             while True:
                 now = time.monotonic()
+                if progress and now - start >= progress[1] and progress[0] not in text:
+                    run.stalled = True
+                    break
                 if now >= deadline:
                     run.timed_out = not run.finished
                     break
@@ -243,7 +289,7 @@ def run_qemu(
                     deadline = min(deadline, time.monotonic() + grace)
         finally:
             sel.close()
-            if not run.timed_out:
+            if not (run.timed_out or run.stalled):
                 # The console closes a moment before the process is gone.
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
