@@ -287,3 +287,47 @@ def test_time_limit_makes_a_vm_error(
 def test_unknown_kernel_is_a_user_error(modules: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(UserError):
         run_load_checks(str(tmp_path / "no-such-kernel"), [modules["hello_61"]])
+
+
+CRC_SYMBOL = "wake_up_process"  # the one symbol tests/fixtures/crc_module needs
+
+
+@pytest.fixture(scope="module")
+def same_layout_pair() -> tuple[str, str]:
+    """Two 6.1 ABIs (older, newer) with the same module_layout CRC but a
+    different CRC for CRC_SYMBOL: the newest such newer one."""
+    series = releases_of_series("6.1.")
+    kernels = {r: load_kernel(f"debian:{r}") for r in series}
+    for newer in reversed(series):
+        for older in series[:series.index(newer)]:
+            a, b = kernels[older].exports, kernels[newer].exports
+            if (a["module_layout"].crc == b["module_layout"].crc
+                    and a[CRC_SYMBOL].crc != b[CRC_SYMBOL].crc):
+                return older, newer
+    pytest.skip(f"no two 6.1 ABIs in the archive share module_layout and differ in "
+                f"{CRC_SYMBOL}")
+
+
+def test_crc_mismatch_of_one_symbol_as_abi_predicted(
+    same_layout_pair: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Across ABIs that keep module_layout, the kernel names the one symbol
+    whose CRC moved, and a module needing only unchanged symbols loads: both
+    as the abi check predicts."""
+    require_tool("qemu-system-x86_64")
+    older, newer = same_layout_pair
+    work = tmp_path_factory.mktemp("crc-modules")
+    tree = merged_build_tree(older, work / "tree")
+    crc = build_fixture_module("crc_module", tree, work, "kmodgate_crc")
+    hello = build_fixture_module("hello_module", tree, work, "kmodgate_hello")
+    results = run_load_checks(f"debian:{newer}", [crc, hello], timeout=BOOT_TIMEOUT)
+    by_path = {r.details["module_path"]: r for r in results}
+    refused, loaded = by_path[str(crc)], by_path[str(hello)]
+    assert refused.outcome is Outcome.FAIL
+    assert [(x["code"], x["symbol"]) for x in refused.reasons] == [
+        (ReasonCode.CRC_MISMATCH.value, CRC_SYMBOL)], refused.details["kernel_log"]
+    assert loaded.outcome is Outcome.PASS, loaded.reasons
+    kernel = load_kernel(f"debian:{newer}")
+    abi = [abi_result(check_module(read_module_file(p), kernel)) for p in (crc, hello)]
+    report = agreement(abi, results)
+    assert not report.disagreements and report.count("agree") == 2, report.summary_lines()

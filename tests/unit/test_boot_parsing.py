@@ -91,6 +91,18 @@ def test_61_module_of_another_abi_is_one_module_layout_reason() -> None:
     assert report.done and report.crashed_step is None
 
 
+def test_61_crc_mismatch_of_one_symbol() -> None:
+    """6.1.0-54 refusing a module built for an ABI with the same module_layout."""
+    step = step_named("6.1-crc-mismatch.log", "kmodgate_crc")
+    assert step.rc == 22  # EINVAL: resolve_symbol() fails check_version()
+    assert reasons_from_log(step) == [{
+        "code": ReasonCode.CRC_MISMATCH.value,
+        "message": "disagrees about version of symbol wake_up_process",
+        "symbol": "wake_up_process",
+    }]
+    assert reasons_from_log(step_named("6.1-crc-mismatch.log", "kmodgate_hello")) == []
+
+
 def test_612_struct_module_size_check_is_module_layout() -> None:
     step = step_named("6.12-struct-module-size.log", "kmodgate_hello")
     (reason,) = reasons_from_log(step)
