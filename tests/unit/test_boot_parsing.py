@@ -17,7 +17,7 @@ from kmodgate.abi.compare import Outcome, ReasonCode
 from kmodgate.abi.model import ModuleInfo
 from kmodgate.boot import initramfs
 from kmodgate.boot.initramfs import CpioEntry, LoadStep, newc_archive
-from kmodgate.boot.kernel_image import extract_vmlinux, has_pvh_entry
+from kmodgate.boot.kernel_image import extract_vmlinux, has_pvh_entry, image_from_root
 from kmodgate.boot.loadcheck import (
     ALREADY_LOADED,
     DISAGREE,
@@ -32,6 +32,7 @@ from kmodgate.boot.loadcheck import (
     reasons_from_log,
 )
 from kmodgate.boot.qemu import PROBE_MARKER, _probe_boot_sector
+from kmodgate.errors import UserError
 from kmodgate.results import CheckResult
 
 LOGS = Path(__file__).resolve().parent.parent / "fixtures" / "console_logs"
@@ -288,3 +289,36 @@ def test_vmlinux_extraction_and_pvh_note() -> None:
     packed = lzma.compress(pvh, format=lzma.FORMAT_XZ)
     assert extract_vmlinux(bzimage_around(packed)) == pvh
     assert extract_vmlinux(b"not a kernel" * 100) is None
+
+
+# --- where kernels are found ------------------------------------------------------
+
+
+def touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_kernel_image_layouts(tmp_path: Path) -> None:
+    deb = tmp_path / "deb"
+    touch(deb / "boot/vmlinuz-6.1.0-56-amd64")
+    touch(deb / "lib/modules/6.1.0-56-amd64/kernel/lib/crc-itu-t.ko")
+    image = image_from_root(deb, "deb")
+    assert (image.release, image.vmlinuz.name) == ("6.1.0-56-amd64", "vmlinuz-6.1.0-56-amd64")
+    # Module names as the loader knows them: '-' becomes '_'.
+    assert list(image.module_files) == ["crc_itu_t"]
+
+    rpm = tmp_path / "rpm"
+    touch(rpm / "lib/modules/6.8.5-301.fc40.x86_64/vmlinuz")
+    touch(rpm / "lib/modules/6.8.5-301.fc40.x86_64/kernel/lib/crc7.ko.xz")
+    image = image_from_root(rpm, "rpm")
+    assert image.release == "6.8.5-301.fc40.x86_64" and list(image.module_files) == ["crc7"]
+
+    bare = tmp_path / "bare"
+    touch(bare / "vmlinuz-6.12.0")
+    touch(bare / "mods/dummy.ko")
+    assert image_from_root(bare, "bare").release == "6.12.0"
+
+    with pytest.raises(UserError, match="no kernel image found"):
+        image_from_root(tmp_path / "deb/lib", "nothing")
