@@ -4,78 +4,29 @@ sent twice, across a restart of kmodgate."""
 
 from __future__ import annotations
 
-import email
-import email.policy
 import json
 import lzma
-import socket
 import sys
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from kmodgate.gate.service import Gate
 from kmodgate.notify.webhook import SIGNATURE_HEADER, verify_signature
 from kmodgate.store.db import open_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gate_fixtures import CONFIG, DAY, T0, make_config, result
+from gate_fixtures import CONFIG, DAY, T0, SmtpServer, free_port, make_config, result
 
 pytestmark = pytest.mark.integration
 
 SECRET = "webhook-secret"
 S = timedelta(seconds=1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Mailbox:
-    """aiosmtpd handler: keeps what it receives; refuses addresses at nowhere.invalid."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[list[str], EmailMessage]] = []
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          rcpt_options: list[str]) -> str:
-        if address.endswith("@nowhere.invalid"):
-            return "550 5.1.1 no such user"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        assert isinstance(parsed, EmailMessage)
-        self.messages.append((list(envelope.rcpt_tos), parsed))
-        return "250 Message accepted for delivery"
-
-
-class SmtpServer:
-    """A real SMTP server on a fixed loopback port that can be started later."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.mailbox = Mailbox()
-        self.controller: Controller | None = None
-
-    def start(self) -> None:
-        self.controller = Controller(self.mailbox, hostname="127.0.0.1", port=self.port)
-        self.controller.start()
-
-    def stop(self) -> None:
-        if self.controller is not None:
-            self.controller.stop()
-            self.controller = None
 
 
 class HookReceiver:
