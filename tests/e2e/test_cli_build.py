@@ -4,6 +4,7 @@ matrix and the carry-over question, on real archive packages."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,12 @@ def test_build_matrix_json_follows_the_abi_contract(two_abis: tuple[str, str]) -
     for r in data["results"]:
         assert r["toolchain"] and r["reproducer"] and r["artifacts"]
         assert all(Path(a).is_file() for a in r["artifacts"])
+    # The reproducer is a command a maintainer can run as printed.
+    command = shlex.split(data["results"][1]["reproducer"])
+    assert command[0] == "kmodgate"
+    again = run_json(*command[1:], expect=0)
+    assert [(r["kernel"], r["outcome"]) for r in again["results"]] == [
+        (new.removeprefix("debian:"), "pass")]
 
 
 def test_binaries_built_for_one_abi_are_checked_against_the_others(

@@ -411,7 +411,7 @@ def relabel(result: CheckResult, source: ModuleSource, kernel: KernelTree) -> Ch
 
 def reproducer(source: ModuleSource, kernel: KernelTree) -> str:
     return (f"kmodgate check --kind build --kernel {shlex.quote(kernel.ref)} "
-            f"--source {shlex.quote(source.ref)}")
+            f"--module {shlex.quote(source.ref)}")
 
 
 def _base_details(source: ModuleSource, kernel: KernelTree, toolchain: Toolchain,
