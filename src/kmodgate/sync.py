@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kmodgate.abi.model import KernelABI
+from kmodgate.boot.grouping import load_builds
 from kmodgate.build.carryover import carryover, group_abi_result, kernel_abi_identity
 from kmodgate.build.matrix import run_build_matrix
 from kmodgate.config import Config, ModuleConfig, SourceConfig
@@ -29,8 +30,9 @@ from kmodgate.sources.kernels import DEBIAN_PREFIX, load_kernel
 from kmodgate.sources.module_sources import is_source_ref
 from kmodgate.sources.modules import load_module_ref
 
-# The check kinds sync can run today; a stream asking for others waits for them.
-RUNNABLE_KINDS = frozenset({"abi", "build"})
+# The check kinds sync can run; load only for module sources (it boots the
+# binaries the build check made for each kernel).
+RUNNABLE_KINDS = frozenset({"abi", "build", "load"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +130,7 @@ def sync(
     abis: dict[str, KernelABI] = {}
     if "abi" in kinds:
         abis = {k.release: load_kernel(k.ref) for k in kernels}
-    if sources and kinds & {"abi", "build"}:
+    if sources:
         _sync_sources(sources, kernels, kinds, abis, jobs, record)
     if binaries and "abi" in kinds:
         _sync_binaries(binaries, list(abis.values()), record)
@@ -163,6 +165,10 @@ def _sync_sources(modules: list[ModuleConfig], kernels: list[KernelBuild], kinds
     if "abi" in kinds:
         for result in carryover(builds, list(abis.values()), same_kernel_only=True):
             record(result)
+    if "load" in kinds:
+        for k in kernels:  # one boot per kernel for every module built for it
+            for result in load_builds(k.ref, [b for b in builds if b.kernel == k.release]):
+                record(result)
 
 
 def _sync_binaries(modules: list[ModuleConfig], kernels: list[KernelABI],

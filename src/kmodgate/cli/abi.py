@@ -94,7 +94,9 @@ def check_cmd(
                                                    "repeat for several.")],
     module_refs: Annotated[list[str], typer.Option("--module", "-m", help="Module reference; "
                                                    "repeat for several.")],
-    kind: Annotated[str, typer.Option("--kind", help="Check kind.")] = "abi",
+    kind: Annotated[str, typer.Option("--kind", help="abi, build or load.")] = "abi",
+    compare_abi: Annotated[bool, typer.Option("--compare-abi", help="With --kind load: "
+                           "compare the kernel's verdicts with the abi check's.")] = False,
     as_json: JsonOpt = False,
     jobs: JobsOpt = None,
 ) -> None:
@@ -102,11 +104,14 @@ def check_cmd(
     from kmodgate.sources.kernels import expand_kernel_refs, load_kernel
     from kmodgate.sources.modules import load_module_ref
 
-    if kind not in ("abi", "build"):
-        raise UserError(f"unknown check kind {kind!r}: expected abi or build")
+    if kind not in ("abi", "build", "load"):
+        raise UserError(f"unknown check kind {kind!r}: expected abi, build or load")
     kernel_refs = expand_kernel_refs(kernel_refs)
     if kind == "build" or any(is_source_ref(r) for r in module_refs):
         check_sources(kind, kernel_refs, module_refs, as_json, jobs)
+        return
+    if kind == "load":
+        check_load(kernel_refs, module_refs, compare_abi, as_json, jobs)
         return
     kernels = [load_kernel(r) for r in kernel_refs]
     groups = [(r, load_module_ref(r, jobs=jobs)) for r in module_refs]
@@ -157,11 +162,56 @@ def check_sources(kind: str, kernel_refs: list[str], source_refs: list[str], as_
     results = builds
     if kind == "abi":
         results = list(carryover(builds, [load_kernel(r) for r in kernel_refs]))
+    elif kind == "load":
+        from kmodgate.boot.grouping import load_builds
+
+        results = [r for ref, release in zip(kernel_refs, _releases(kernel_refs), strict=True)
+                   for r in load_builds(ref, [b for b in builds if b.kernel == release])]
     if as_json:
         emit_json({"results": [r.to_json() for r in results],
                    "summary": dict(Counter(r.outcome.value for r in results))})
     else:
         render_result_matrix(results, by_built_for=kind == "abi")
+    outcomes = {r.outcome for r in results}
+    raise typer.Exit(EXIT_FAIL if Outcome.FAIL in outcomes else
+                     EXIT_INFRA_ERROR if Outcome.ERROR in outcomes else EXIT_PASS)
+
+
+def _releases(kernel_refs: list[str]) -> list[str]:
+    from kmodgate.sources.kernels import load_kernel
+
+    return [load_kernel(r).release for r in kernel_refs]
+
+
+def check_load(kernel_refs: list[str], module_refs: list[str], compare_abi: bool,
+               as_json: bool, jobs: int | None) -> None:
+    """Boot every kernel once with every module and let the kernel decide."""
+    from kmodgate.boot.loadcheck import agreement, run_load_matrix
+    from kmodgate.results import abi_result
+    from kmodgate.sources.kernels import load_kernel
+    from kmodgate.sources.modules import load_module_ref
+
+    modules = [m for r in module_refs for m in load_module_ref(r, jobs=jobs)]
+    unloadable = [m.path for m in modules if not Path(m.path).is_file()]
+    if unloadable:
+        raise UserError("only module files can be loaded in a VM (unpack the package first)",
+                        where=unloadable[0])
+    results = run_load_matrix(kernel_refs, [Path(m.path) for m in modules], jobs=jobs)
+    report = None
+    if compare_abi:
+        abi = [abi_result(check_module(m, k, companion_exports(modules)))
+               for k in (load_kernel(r) for r in kernel_refs) for m in modules]
+        report = agreement(abi, results)
+    if as_json:
+        data = {"results": [r.to_json() for r in results],
+                "summary": dict(Counter(r.outcome.value for r in results))}
+        if report is not None:
+            data["agreement"] = report.to_json()
+        emit_json(data)
+    else:
+        render_result_matrix(results, by_built_for=False)
+        for line in report.summary_lines() if report is not None else []:
+            out.print(line, soft_wrap=True)
     outcomes = {r.outcome for r in results}
     raise typer.Exit(EXIT_FAIL if Outcome.FAIL in outcomes else
                      EXIT_INFRA_ERROR if Outcome.ERROR in outcomes else EXIT_PASS)
