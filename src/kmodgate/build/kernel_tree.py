@@ -34,6 +34,7 @@ from kmodgate.build.sandbox import HIDDEN_DIRS, SCRATCH_DIRS, Mount
 from kmodgate.cache import atomic_write_bytes, cache_subdir, staging_dir
 from kmodgate.errors import InfraError, UserError
 from kmodgate.sources import debian
+from kmodgate.sources.debian import apt_lists_state as apt_lists_state  # matrix.py imports it here
 from kmodgate.sources.kernels import DEBIAN_PREFIX, find_build_tree, tree_arch, tree_release
 
 # Where a package root's parts go inside the sandbox: (glob under the root,
@@ -190,20 +191,6 @@ def _debian_roots(release: str) -> list[Path]:
     known[key] = [str(r) for r in roots]
     atomic_write_bytes(memo, json.dumps(known, sort_keys=True).encode())
     return roots
-
-
-def apt_lists_state() -> str:
-    """A digest of apt's package lists: names, sizes and times of every index file."""
-    lists = Path("/var/lib/apt/lists")
-    h = hashlib.sha256()
-    try:
-        for entry in sorted(os.scandir(lists), key=lambda e: e.name):
-            if entry.is_file():
-                st = entry.stat()
-                h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    except OSError:
-        return "no-apt-lists"
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- staging

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -16,8 +16,11 @@ from rich.table import Table
 from kmodgate.cli import JsonOpt, app, emit_json, out
 from kmodgate.config import DEFAULT_CONFIG_NAME, load_config, parse_duration
 from kmodgate.errors import EXIT_FAIL, EXIT_PASS, UserError
-from kmodgate.gate.service import Gate
-from kmodgate.gate.waivers import WaiverScope
+
+if TYPE_CHECKING:
+    # The gate pulls in SQLAlchemy (about a second to import): only the
+    # commands that open a store pay for it, not `inspect` or `check`.
+    from kmodgate.gate.service import Gate
 
 gate_app = typer.Typer(help="Release streams: decisions, promotions, pins, waivers.",
                        no_args_is_help=True)
@@ -38,6 +41,8 @@ def config_path(given: Path | None) -> Path:
 
 @contextmanager
 def open_gate(config: Path | None, db: str | None) -> Iterator[Gate]:
+    from kmodgate.gate.service import Gate
+
     gate = Gate.open(load_config(config_path(config)), url=db)
     try:
         yield gate
@@ -169,6 +174,8 @@ def waive_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Accept a module's failure on matching kernels, with a reason and an expiry."""
+    from kmodgate.gate.waivers import WaiverScope
+
     duration = None
     if expires is not None:
         duration = parse_duration(expires)

@@ -8,14 +8,18 @@ are unpacked with ``dpkg-deb -x`` into the cache, never installed.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from debian.deb822 import Deb822, PkgRelation
 
-from kmodgate.cache import cache_subdir, staging_dir
+from kmodgate.cache import atomic_write_bytes, cache_subdir, staging_dir
 from kmodgate.errors import InfraError, UserError
 from kmodgate.lines import kernel_flavour, release_sort_key
 
@@ -52,9 +56,71 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
+def apt_lists_state() -> str:
+    """A digest of apt's package lists: names, sizes and times of every index file.
+
+    What apt answers changes only when these do, so answers are cached under it.
+    """
+    lists = Path("/var/lib/apt/lists")
+    h = hashlib.sha256()
+    try:
+        for entry in sorted(os.scandir(lists), key=lambda e: e.name):
+            if entry.is_file():
+                st = entry.stat()
+                h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except OSError:
+        return "no-apt-lists"
+    return h.hexdigest()[:16]
+
+
+class _AptAnswers:
+    """apt-cache's answers, remembered on disk per state of apt's lists.
+
+    apt-cache takes 0.3-2 s a call (it maps the whole package cache), and every
+    kmodgate command asks it several questions; the answers are the same until
+    `apt-get update` changes the lists.  Concurrent writers may drop each
+    other's entries, which only costs a recomputation.
+    """
+
+    def __init__(self) -> None:
+        self.state: str | None = None
+        self.answers: dict[str, Any] = {}
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        state = apt_lists_state()
+        path = cache_subdir("apt") / f"{state}.json"
+        if state != self.state:
+            self.state, self.answers = state, self._read(path)
+        if key not in self.answers:
+            value = compute()
+            on_disk = self._read(path)
+            on_disk.update(self.answers)
+            on_disk[key] = value
+            self.answers = on_disk
+            atomic_write_bytes(path, json.dumps(on_disk).encode())
+        return self.answers[key]
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any]:
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+
+_apt = _AptAnswers()
+
+
 def available_kernel_releases(flavour: str | None = None) -> list[str]:
     """Kernel releases the host's apt sources offer headers for, oldest first;
     with *flavour*, only that flavour ("amd64" is not "cloud-amd64")."""
+    releases: list[str] = _apt.get(f"releases:{flavour or ''}",
+                                   lambda: _search_kernel_releases(flavour))
+    return releases
+
+
+def _search_kernel_releases(flavour: str | None) -> list[str]:
     proc = _run(["apt-cache", "search", "--names-only", f"^{HEADERS_PREFIX}"],
                 "list the kernels the archive offers")
     if proc.returncode != 0:
@@ -73,6 +139,11 @@ def available_kernel_releases(flavour: str | None = None) -> list[str]:
 
 def package_info(name: str) -> AptPackage | None:
     """The candidate version of *name* in the host's apt sources, or None if unknown."""
+    fields = _apt.get(f"package:{name}", lambda: _show_package(name))
+    return None if fields is None else AptPackage(**fields)
+
+
+def _show_package(name: str) -> dict[str, Any] | None:
     proc = _run(["apt-cache", "show", "--no-all-versions", name], f"look up {name}")
     if proc.returncode != 0 or not proc.stdout.strip():
         return None
@@ -81,13 +152,20 @@ def package_info(name: str) -> AptPackage | None:
     relations = fields.get("Depends", "").strip()
     parsed = PkgRelation.parse_relations(relations) if relations else []
     depends = [alt[0]["name"] for alt in parsed]
-    return AptPackage(fields["Package"], fields["Version"], depends, fields.get("Filename", ""))
+    return {"name": fields["Package"], "version": fields["Version"], "depends": depends,
+            "filename": fields.get("Filename", "")}
 
 
 def package_versions(names: list[str]) -> dict[str, str]:
     """Candidate versions of many packages in one apt-cache call (unknown ones absent)."""
     if not names:
         return {}
+    key = "versions:" + hashlib.sha256("\0".join(sorted(names)).encode()).hexdigest()[:16]
+    versions: dict[str, str] = _apt.get(key, lambda: _show_versions(names))
+    return versions
+
+
+def _show_versions(names: list[str]) -> dict[str, str]:
     proc = _run(["apt-cache", "show", "--no-all-versions", *names], "look up package versions")
     versions: dict[str, str] = {}
     for stanza in Deb822.iter_paragraphs(proc.stdout):
