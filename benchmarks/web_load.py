@@ -174,9 +174,13 @@ async def decision_load(base: str, rate: int, seconds: int) -> None:
             scheduled = start + i / rate
             await asyncio.sleep(max(0.0, scheduled - loop.time()))
             body = {"kernel": rng.choice(kernels), "stream": rng.choice(streams)}
-            response = await client.post("/api/v1/decision", json=body)
+            try:
+                response = await client.post("/api/v1/decision", json=body)
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
             latencies.append(loop.time() - scheduled)
-            if response.status_code != 200:
+            if not ok:
                 errors += 1
 
         await asyncio.gather(*(one(i) for i in range(total)))
@@ -219,7 +223,11 @@ def main() -> None:
             asyncio.run(decision_load(base, args.rate, args.seconds))
         finally:
             server.terminate()
-            server.wait(timeout=10)
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # still busy with the queued requests
+                server.kill()
+                server.wait()
     finally:
         if args.keep is None:
             shutil.rmtree(directory, ignore_errors=True)
