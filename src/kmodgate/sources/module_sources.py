@@ -57,7 +57,10 @@ def is_source_ref(ref: str) -> bool:
     build check) rather than module binaries (read by the abi check)."""
     if ref.startswith((DEBIAN_PREFIX, GIT_PREFIX)) or ref.endswith(TARBALL_SUFFIXES):
         return True
-    return Path(ref, "dkms.conf").is_file()
+    try:
+        return Path(ref, "dkms.conf").is_file()
+    except OSError:
+        return False  # unreadable: the binary reader will say so in one line
 
 
 def load_source(ref: str) -> ModuleSource:
