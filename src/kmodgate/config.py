@@ -82,7 +82,7 @@ _EMAIL_KEYS = frozenset(
      "maintainers", "events"}
 )
 _WEBHOOK_KEYS = frozenset({"url", "secret", "secret_env", "events", "timeout"})
-_TOP_KEYS = frozenset({"store", "sources", "modules", "streams", "notify"})
+_TOP_KEYS = frozenset({"store", "sources", "modules", "streams", "notify", "web"})
 
 _DURATION_RE = re.compile(r"^(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")

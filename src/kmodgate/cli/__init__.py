@@ -54,7 +54,7 @@ def _root(
 def main() -> None:
     """Entry point: turn kmodgate's errors into one line and an exit code."""
     # The command groups register themselves on `app` when imported.
-    from kmodgate.cli import abi, advise, gate  # noqa: F401
+    from kmodgate.cli import abi, advise, gate, web  # noqa: F401
 
     try:
         app()

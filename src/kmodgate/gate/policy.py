@@ -28,7 +28,7 @@ from kmodgate.gate.streams import (
 )
 from kmodgate.gate.waivers import active_waivers, matching_waiver, waiver_json
 from kmodgate.store.models import Kernel, Pin, Promotion
-from kmodgate.store.queries import get_kernel, latest_results
+from kmodgate.store.queries import get_kernel, latest_outcomes
 
 MISSING = "missing"  # no result yet: blocks like a failure, but it is not the module's fault
 PASSING = frozenset({Outcome.PASS.value, Outcome.SKIP.value})  # skip: not applicable
@@ -94,7 +94,7 @@ def _check_results(session: Session, config: Config, target: StreamConfig, kerne
                    now: datetime, decision: Decision) -> None:
     modules = config.policy_modules(target.name)
     kinds = list(target.policy.kinds)
-    latest = latest_results(session, modules=modules, kernels=[kernel.release], kinds=kinds)
+    latest = latest_outcomes(session, modules=modules, kernels=[kernel.release], kinds=kinds)
     waivers = active_waivers(session, now)
     for module in modules:
         for kind in kinds:

@@ -114,7 +114,7 @@ class Gate:
 
     def decide(self, kernel: str, stream: str, *,
                now: datetime | None = None) -> policy.Decision:
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             return policy.decide(session, self.config, kernel, stream, now or utcnow())
 
     def promote(self, kernel: str, stream: str, *, author: str, force: bool = False,
@@ -141,7 +141,7 @@ class Gate:
                                                 author=author, target=target))
 
     def status(self, *, now: datetime | None = None) -> list[dict[str, Any]]:
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             return policy.status(session, self.config, now or utcnow())
 
     def waive(self, scope: waivers.WaiverScope, *, reason: str, author: str,
@@ -162,7 +162,7 @@ class Gate:
     def waivers(self, *, include_inactive: bool = False,
                 now: datetime | None = None) -> list[dict[str, Any]]:
         moment = now or utcnow()
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             rows = (waivers.all_waivers(session) if include_inactive
                     else waivers.active_waivers(session, moment))
             return [waivers.waiver_json(w, moment) for w in rows]
@@ -170,5 +170,5 @@ class Gate:
     def history(self, module: str) -> dict[str, Any]:
         if module not in self.config.modules:
             raise UserError(f"unknown module {module!r} (not in the configuration)")
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             return regressions.module_history(session, module)

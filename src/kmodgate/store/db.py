@@ -25,6 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from kmodgate.errors import InfraError, UserError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# Connection.info key marking a read-only transaction (see Store.read).
+READ_ONLY = "kmodgate_read_only"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Serialises concurrent migrations of one PostgreSQL database: any constant will do.
 PG_MIGRATION_LOCK = 0x6B6D6F64
@@ -73,7 +75,12 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers begin deferred: under WAL they read a snapshot while a writer
+        # works, instead of queueing behind it for the write lock.
+        if connection.info.get(READ_ONLY):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def alembic_config(connection: Connection | None = None) -> AlembicConfig:
@@ -126,6 +133,21 @@ class Store:
         try:
             with self._sessions() as session, session.begin():
                 yield session
+        except OperationalError as exc:
+            raise InfraError(f"database error: {_first_line(exc)}") from None
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading only: on SQLite a deferred transaction, so many
+        readers (the dashboard, gate decide) never wait for a sync that writes."""
+        try:
+            with self.engine.connect() as connection:
+                connection.info[READ_ONLY] = True
+                try:
+                    with connection.begin(), Session(bind=connection) as session:
+                        yield session
+                finally:
+                    connection.info.pop(READ_ONLY, None)
         except OperationalError as exc:
             raise InfraError(f"database error: {_first_line(exc)}") from None
 

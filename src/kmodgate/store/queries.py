@@ -11,10 +11,10 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
+from sqlalchemy import func, select
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -130,6 +130,28 @@ def get_kernel(session: Session, release: str) -> Kernel | None:
     return session.scalars(select(Kernel).where(Kernel.release == release)).first()
 
 
+def _latest_ids(modules: Sequence[str] | None, kernels: Sequence[str] | None,
+                kinds: Sequence[str] | None) -> Any:
+    """A subquery of each (module, kernel, kind) cell's latest result id.
+
+    The database picks them (a window over the cell, newest first), so only
+    those rows travel, not the history.
+    """
+    newest_first = func.row_number().over(
+        partition_by=(Result.module, Result.kernel, Result.kind),
+        order_by=(Result.recorded_at.desc(), Result.id.desc()),
+    )
+    ranked = select(Result.id, newest_first.label("rank"))
+    if modules is not None:
+        ranked = ranked.where(Result.module.in_(list(modules)))
+    if kernels is not None:
+        ranked = ranked.where(Result.kernel.in_(list(kernels)))
+    if kinds is not None:
+        ranked = ranked.where(Result.kind.in_(list(kinds)))
+    latest = ranked.subquery()
+    return select(latest.c.id).where(latest.c.rank == 1)
+
+
 def latest_results(session: Session, *, modules: Sequence[str] | None = None,
                    kernels: Sequence[str] | None = None,
                    kinds: Sequence[str] | None = None) -> dict[tuple[str, str, str], Result]:
@@ -138,17 +160,28 @@ def latest_results(session: Session, *, modules: Sequence[str] | None = None,
     A cell has several results when the module or the recipe changed (new
     fingerprint); the latest says how things stand now.
     """
-    query = select(Result).order_by(Result.recorded_at, Result.id)
-    if modules is not None:
-        query = query.where(Result.module.in_(list(modules)))
-    if kernels is not None:
-        query = query.where(Result.kernel.in_(list(kernels)))
-    if kinds is not None:
-        query = query.where(Result.kind.in_(list(kinds)))
-    out: dict[tuple[str, str, str], Result] = {}
-    for r in session.scalars(query):
-        out[(r.module, r.kernel, r.kind)] = r
-    return out
+    query = select(Result).where(Result.id.in_(_latest_ids(modules, kernels, kinds)))
+    return {(r.module, r.kernel, r.kind): r for r in session.scalars(query)}
+
+
+class LatestOutcome(NamedTuple):
+    outcome: str
+    module_version: str
+    reasons: list[Any]
+
+
+def latest_outcomes(session: Session, *, modules: Sequence[str] | None = None,
+                    kernels: Sequence[str] | None = None,
+                    kinds: Sequence[str] | None = None
+                    ) -> dict[tuple[str, str, str], LatestOutcome]:
+    """What latest_results says, as plain rows of what a decision reads: a gate
+    decision is asked hundreds of times a second, and building ORM objects
+    with all their JSON columns would be most of its cost."""
+    query = select(Result.module, Result.kernel, Result.kind, Result.outcome,
+                   Result.module_version, Result.reasons).where(
+        Result.id.in_(_latest_ids(modules, kernels, kinds)))
+    return {(m, k, kind): LatestOutcome(outcome, version, reasons)
+            for m, k, kind, outcome, version, reasons in session.execute(query)}
 
 
 def result_to_check(r: Result) -> CheckResult:

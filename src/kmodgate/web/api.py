@@ -88,7 +88,7 @@ def page(total: int, offset: int, limit: int, items: list[Any]) -> dict[str, Any
 def health(request: Request) -> dict[str, Any]:
     # Open even when reads need a token: monitors should not hold one.
     ctx = context(request)
-    with ctx.gate.store.transaction() as session:
+    with ctx.gate.store.read() as session:
         session.execute(text("SELECT 1"))
     return {"status": "ok", "version": __version__, "store": ctx.gate.store.backend}
 
@@ -96,7 +96,7 @@ def health(request: Request) -> dict[str, Any]:
 @router.get("/kernels", summary="Kernels, newest first within each line")
 def kernels(ctx: Ctx, line: OptLine = None, offset: Offset = 0,
             limit: Limit = 50) -> dict[str, Any]:
-    with ctx.gate.store.transaction() as session:
+    with ctx.gate.store.read() as session:
         total, rows = queries.list_kernels(session, line, offset, limit)
         return page(total, offset, limit, [queries.kernel_json(k) for k in rows])
 
@@ -112,7 +112,7 @@ def kernel_view(ctx: WebContext, release: str) -> dict[str, Any]:
     from kmodgate.gate.policy import require_kernel
 
     now = ctx.now()
-    with ctx.gate.store.transaction() as session:
+    with ctx.gate.store.read() as session:
         k = require_kernel(session, release)
         previous = queries.previous_kernel(session, k)
         latest = queries.latest_on_kernel(session, release)
@@ -152,14 +152,14 @@ def results(ctx: Ctx, module: OptName = None, kernel: OptName = None, kind: Kind
             limit: Limit = 50) -> dict[str, Any]:
     f = queries.ResultFilter(module=module, kernel=kernel, kind=kind, outcome=outcome,
                              line=line, offset=offset, limit=limit)
-    with ctx.gate.store.transaction() as session:
+    with ctx.gate.store.read() as session:
         total, rows = queries.list_results(session, f)
         return page(total, offset, limit, [queries.result_json(r) for r in rows])
 
 
 @router.get("/results/{result_id}", summary="One check result with its reasons and reproducer")
 def result(ctx: Ctx, result_id: Id) -> dict[str, Any]:
-    with ctx.gate.store.transaction() as session:
+    with ctx.gate.store.read() as session:
         r = queries.get_result(session, result_id)
         if r is None:
             raise UserError(f"unknown result {result_id}") from None
@@ -170,7 +170,7 @@ def result(ctx: Ctx, result_id: Id) -> dict[str, Any]:
             response_class=PlainTextResponse)
 def result_log(ctx: Ctx, result_id: Id) -> PlainTextResponse:
     # The file is the one the store names for this result: never a path from the request.
-    with ctx.gate.store.transaction() as session:
+    with ctx.gate.store.read() as session:
         r = queries.get_result(session, result_id)
         if r is None:
             raise UserError(f"unknown result {result_id}")
@@ -260,7 +260,7 @@ def waiver_revoke(ctx: Ctx, actor: Writer, waiver_id: Id, request: Request
 def events(ctx: Ctx, kind: Annotated[str | None, Query(pattern="^(regression|fix|decision)$")]
            = None, module: OptName = None, offset: Offset = 0,
            limit: Limit = 50) -> dict[str, Any]:
-    with ctx.gate.store.transaction() as session:
+    with ctx.gate.store.read() as session:
         total, rows = queries.list_events(session, kind, module, offset, limit)
         return page(total, offset, limit, [queries.event_json(e) for e in rows])
 

@@ -85,7 +85,7 @@ def matrix_page(request: Request,
         raise UserError(f"unknown check kind {kind!r} (expected: {', '.join(KINDS)})")
     f = queries.MatrixFilter(line=_blank(line), flavour=_blank(flavour), kind=_blank(kind),
                              tag=_blank(tag), offset=offset, limit=limit)
-    with ctx.gate.store.transaction() as session:
+    with ctx.gate.store.read() as session:
         m = queries.matrix(session, ctx.gate.config, f)
     return render(request, "matrix.html", {"m": m, "f": f, "kinds": KINDS})
 
@@ -94,7 +94,7 @@ def matrix_page(request: Request,
 def kernels_page(request: Request, line: OptLine = None,
                  offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0) -> Response:
     ctx = reader_ctx(request)
-    with ctx.gate.store.transaction() as session:
+    with ctx.gate.store.read() as session:
         total, rows = queries.list_kernels(session, _blank(line), offset, 100)
         items = [queries.kernel_json(k) for k in rows]
     return render(request, "kernels.html", {"kernels": items, "total": total,
@@ -135,7 +135,7 @@ def abi_diff(ctx: WebContext, release: str, previous: str) -> dict[str, Any]:
     if "error" in data:
         return data
     modules = queries.module_names(ctx.gate.config)
-    with ctx.gate.store.transaction() as session:
+    with ctx.gate.store.read() as session:
         before = queries.latest_on_kernel(session, previous, modules)
         after = queries.latest_on_kernel(session, release, modules)
     impact = []
@@ -161,7 +161,7 @@ def modules_page(request: Request) -> Response:
 def module_page(request: Request, name: str) -> Response:
     ctx = reader_ctx(request)
     history = ctx.gate.history(name)
-    with ctx.gate.store.transaction() as session:
+    with ctx.gate.store.read() as session:
         cells = queries.module_cells(session, name)
         by_cell = {(r.kernel, r.kind): {"id": r.id, "outcome": r.outcome,
                                         "has_log": bool(r.log_path)} for r in cells}
@@ -172,7 +172,7 @@ def module_page(request: Request, name: str) -> Response:
 def _result_or_404(ctx: WebContext, result_id: int) -> dict[str, Any]:
     if not 1 <= result_id <= MAX_ID:
         raise UserError(f"unknown result {result_id}")
-    with ctx.gate.store.transaction() as session:
+    with ctx.gate.store.read() as session:
         r = queries.get_result(session, result_id)
         if r is None:
             raise UserError(f"unknown result {result_id}")
