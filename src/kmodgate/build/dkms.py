@@ -104,7 +104,7 @@ __read() {
 # dkms learns module and version from the file itself when given a source
 # tree (add_source_tree -> get_pkginfo_from_conf), then reads it again.
 if [[ -z $module ]]; then
-    __pkg=$( ( __read $__vars; builtin printf '%%s\n%%s\n' "$PACKAGE_NAME" "$PACKAGE_VERSION" ) )
+    __pkg=$(__read $__vars; builtin printf '%%s\n%%s\n' "$PACKAGE_NAME" "$PACKAGE_VERSION")
     module=${__pkg%%%%$'\n'*}
     module_version=${__pkg#*$'\n'}
 fi
@@ -112,14 +112,17 @@ __out module "$module" "$module_version"
 
 __read $__vars
 
+# No command substitution per variable: each would fork a subshell, and
+# forty-odd forks were most of an evaluation's cost.  ${!name@a} is the
+# variable's attributes (bash 4.4+), "a"/"A" for the two kinds of array.
 for __n in $__vars; do
-    __decl=$(declare -p "$__n" 2>/dev/null) || continue
-    case $__decl in
-        "declare -a"*) __kind=a ;;
-        "declare -A"*) __kind=A ;;
+    eval "__idx=(\"\${!$__n[@]}\")"
+    ((${#__idx[@]})) || continue
+    case ${!__n@a} in
+        *A*) __kind=A ;;
+        *a*) __kind=a ;;
         *) __kind=s ;;
     esac
-    eval "__idx=(\"\${!$__n[@]}\")"
     for __i in "${__idx[@]}"; do
         eval "__val=\${$__n[\$__i]}"
         __out var "$__n" "$__kind" "$__i" "$__val"

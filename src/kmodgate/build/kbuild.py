@@ -98,6 +98,67 @@ def build_cell(
     cannot be read) becomes an ``error`` result, so one bad cell never stops a
     matrix.
     """
+    cell = prepare_cell(source, kernel, toolchain, limits=limits, fingerprint=fingerprint)
+    return cell.compile(make_jobs)
+
+
+class PreparedCell:
+    """A cell up to the point where make runs: dkms.conf evaluated, the source
+    copied to dkms's build directory, patches applied.
+
+    The two halves are separate so a scheduler can prepare the next cells
+    while others compile, and choose ``make -j`` only when a compile slot is
+    free.  ``result`` is final already when preparing decided the outcome
+    (skip, broken dkms.conf, failed patch, no compiler); ``compile`` then
+    just returns it.  Either way ``compile`` must be called exactly once: it
+    removes the work directory.
+    """
+
+    def __init__(self, result: CheckResult, source: ModuleSource, kernel: KernelTree,
+                 toolchain: Toolchain, work: Path, limits: Limits) -> None:
+        self.result = result
+        self.source = source
+        self.kernel = kernel
+        self.toolchain = toolchain
+        self.work = work
+        self.limits = limits
+        self.conf: DkmsConf | None = None
+        self.log = bytearray()
+        self.done = False  # the outcome is known without running make
+        self.started = time.monotonic()
+        self.phases: dict[str, float] = {}
+
+    def compile(self, make_jobs: int = 1) -> CheckResult:
+        """Run make (unless the outcome is already known) and judge the build."""
+        result = self.result
+        begun = time.monotonic()
+        try:
+            if not self.done:
+                result.details["make_jobs"] = make_jobs
+                _compile(self, make_jobs)
+        except KmodgateError as exc:
+            result.outcome = Outcome.ERROR
+            result.reasons = [_reason("infrastructure", str(exc))]
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.phases["wait"] = begun - self.started - self.phases.get("prepare", 0.0)
+            self.phases["compile"] = time.monotonic() - begun
+            result.details["phases"] = {k: round(v, 3) for k, v in self.phases.items()}
+            # The build's own time: a wait for a free core is the scheduler's.
+            result.duration_seconds = round(self.phases.get("prepare", 0.0)
+                                            + self.phases["compile"], 3)
+        return result
+
+
+def prepare_cell(
+    source: ModuleSource,
+    kernel: KernelTree,
+    toolchain: Toolchain,
+    *,
+    limits: Limits | None = None,
+    fingerprint: str | None = None,
+) -> PreparedCell:
+    """Everything of a build before make; never raises for a broken module."""
     fingerprint = fingerprint or cell_fingerprint(source, kernel, toolchain)
     result = CheckResult(
         module=source.name,
@@ -108,28 +169,28 @@ def build_cell(
         fingerprint=fingerprint,
         reproducer=reproducer(source, kernel),
         toolchain=toolchain.describe(),
-        details=_base_details(source, kernel, toolchain, make_jobs),
+        details=_base_details(source, kernel, toolchain),
     )
-    started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="cell-", dir=cache_subdir("build-work")))
+    cell = PreparedCell(result, source, kernel, toolchain, work, limits or Limits())
     try:
-        _run_cell(result, source, kernel, toolchain, work, make_jobs, limits or Limits())
+        _prepare(cell)
     except UserError as exc:
         # Only the module's own dkms.conf raises these here (not bash, hostile,
         # no PACKAGE_NAME...): the module's packaging is broken, a result.
         result.outcome = Outcome.FAIL
         result.reasons = [_reason("dkms_conf_invalid", str(exc))]
+        cell.done = True
     except KmodgateError as exc:
         result.outcome = Outcome.ERROR
         result.reasons = [_reason("infrastructure", str(exc))]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        result.duration_seconds = round(time.monotonic() - started, 3)
-    return result
+        cell.done = True
+    cell.phases["prepare"] = time.monotonic() - cell.started
+    return cell
 
 
-def _run_cell(result: CheckResult, source: ModuleSource, kernel: KernelTree,
-              toolchain: Toolchain, work: Path, make_jobs: int, limits: Limits) -> None:
+def _prepare(cell: PreparedCell) -> None:
+    result, source, kernel, work = cell.result, cell.source, cell.kernel, cell.work
     mounts = tuple(kernel.mounts)
     conf = evaluate_dkms_conf(
         source.tree,
@@ -143,6 +204,7 @@ def _run_cell(result: CheckResult, source: ModuleSource, kernel: KernelTree,
         # inside and out, so MAKE lines naming ${dkms_tree} find the build.
         dkms_tree=str(work / "dkms"),
     )
+    cell.conf = conf
     result.details["dkms"] = {
         "package_name": conf.package_name,
         "package_version": conf.package_version,
@@ -151,10 +213,12 @@ def _run_cell(result: CheckResult, source: ModuleSource, kernel: KernelTree,
         "patches": list(conf.patches),
     }
     result.details["manual_reproducer"] = _manual_reproducer(kernel, conf)
+    cell.done = True  # until the build directory is ready
     if conf.skip_reason:
         result.outcome = Outcome.SKIP
         result.reasons = [_reason("build_exclusive", conf.skip_reason)]
         return
+    toolchain = cell.toolchain
     if not toolchain.usable:
         result.outcome = Outcome.ERROR
         result.reasons = [_reason(
@@ -168,16 +232,22 @@ def _run_cell(result: CheckResult, source: ModuleSource, kernel: KernelTree,
     build_dir = Path(conf.build_dir)
     build_dir.parent.mkdir(parents=True)
     shutil.copytree(source.tree, build_dir, symlinks=True)
-    env = _build_env(toolchain, make_jobs)
-    log = bytearray()
-
+    # Patches run with make's environment, as under dkms; -j does not matter to patch.
+    env = _build_env(toolchain, 1)
     for patch in conf.patches:
-        outcome = _apply_patch(patch, build_dir, work, mounts, env, limits, log)
+        outcome = _apply_patch(patch, build_dir, work, mounts, env, cell.limits, cell.log)
         if outcome is not None:
             result.outcome, result.reasons = Outcome.FAIL, [outcome]
-            _finish_log(result, log)
+            _finish_log(result, cell.log)
             return
+    cell.done = False
 
+
+def _compile(cell: PreparedCell, make_jobs: int) -> None:
+    result, kernel, conf = cell.result, cell.kernel, cell.conf
+    assert conf is not None
+    build_dir = Path(conf.build_dir)
+    env = _build_env(cell.toolchain, make_jobs)
     make_command = build_command(conf, kernelver=kernel.release, jobs=make_jobs)
     result.details["make_command"] = make_command
     # dkms runs PRE_BUILD, MAKE and POST_BUILD in the build directory, one
@@ -188,18 +258,22 @@ def _run_cell(result: CheckResult, source: ModuleSource, kernel: KernelTree,
     script = " && ".join(f"{{ {s}; }}" for s in steps if s)
     run = run_sandboxed(
         ["/bin/bash", "-c", script],
-        workdir=work, mounts=mounts, env=env, limits=limits, cwd=str(build_dir),
+        workdir=cell.work, mounts=tuple(kernel.mounts), env=env, limits=cell.limits,
+        cwd=str(build_dir),
     )
-    log += run.output
+    cell.log += run.output
     result.details["sandbox"] = {
         "returncode": run.returncode,
         "wall_seconds": round(run.wall_seconds, 3),
+        # CPU time (user + system) of everything the build sandbox ran: make
+        # and what it starts (gcc, ld, modpost, pahole), from the kernel's
+        # rusage of the reaped process tree.
         "cpu_seconds": round(run.cpu_seconds, 3),
         "limit_hit": run.limit_hit,
         "output_truncated": run.output_truncated,
     }
-    _finish_log(result, log)
-    _judge(result, run, conf, build_dir, source)
+    _finish_log(result, cell.log)
+    _judge(result, run, conf, build_dir, cell.source)
 
 
 def _judge(result: CheckResult, run: SandboxResult, conf: DkmsConf, build_dir: Path,
@@ -414,8 +488,8 @@ def reproducer(source: ModuleSource, kernel: KernelTree) -> str:
             f"--module {shlex.quote(source.ref)}")
 
 
-def _base_details(source: ModuleSource, kernel: KernelTree, toolchain: Toolchain,
-                  make_jobs: int) -> dict[str, Any]:
+def _base_details(source: ModuleSource, kernel: KernelTree,
+                  toolchain: Toolchain) -> dict[str, Any]:
     return {
         "source": source.ref,
         "source_version": source.version,
@@ -431,7 +505,7 @@ def _base_details(source: ModuleSource, kernel: KernelTree, toolchain: Toolchain
             "match": toolchain.match.value,
             **tool_versions(),
         },
-        "make_jobs": make_jobs,
+        "make_jobs": None,  # set when make runs
     }
 
 
@@ -456,4 +530,5 @@ def read_log(path: str | os.PathLike[str]) -> str:
             "utf-8", "replace")
 
 
-__all__ = ["RECIPE_VERSION", "BuildError", "build_cell", "cell_fingerprint", "read_log"]
+__all__ = ["RECIPE_VERSION", "BuildError", "PreparedCell", "build_cell", "cell_fingerprint",
+           "prepare_cell", "read_log"]

@@ -23,7 +23,9 @@ under bubblewrap with:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import functools
 import json
 import os
 import selectors
@@ -356,8 +358,47 @@ def _measure_tree(ns_link: str) -> _TreeUsage:
     return usage
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@functools.cache
+def _subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux 3.4+).
+
+    bubblewrap's monitor process takes the command's exit status from its
+    namespace's init through an eventfd and exits without waiting for that
+    init, so the init -- which reaped the whole build and holds its CPU time
+    -- is orphaned and its rusage never reaches us: the monitor's rusage is a
+    few milliseconds whatever the build used.  As a subreaper, this process
+    inherits the orphaned init and reaps it itself (``_reap_init``).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_init(pid: int) -> float:
+    """CPU seconds of the sandbox's init and everything it reaped, once it is ours."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            done, _, usage = os.wait4(pid, os.WNOHANG)
+        except ChildProcessError:
+            return 0.0  # not reparented to us (bwrap reaped it, or no subreaper)
+        if done:
+            return float(usage.ru_utime + usage.ru_stime)
+        if time.monotonic() > deadline:
+            # --die-with-parent kills it when the monitor exits; this is a backstop.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.002)
+
+
 def _supervise(cmd: list[str], env: dict[str, str], pass_fds: list[int], info_r: int,
                info_w: int, limits: Limits) -> SandboxResult:
+    _subreaper()
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -451,7 +492,10 @@ def _supervise(cmd: list[str], env: dict[str, str], pass_fds: list[int], info_r:
     _, status, rusage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - start
-    cpu = max(peak_cpu, rusage.ru_utime + rusage.ru_stime)
+    cpu = rusage.ru_utime + rusage.ru_stime
+    if child_pid is not None:
+        cpu += _reap_init(child_pid)
+    cpu = max(peak_cpu, cpu)
     output = b"".join(chunks)
     # bwrap reports the sandbox's pid once its namespaces exist; without it,
     # bwrap itself failed (no user namespaces...).  The child then sets up the
