@@ -33,3 +33,15 @@ def require_tool(name: str) -> str:
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     return TEST_CACHE
+
+
+def archive_releases(series: str, flavour: str = "amd64") -> list[str]:
+    """The releases of *series* ("6.1.") in *flavour* the archive offers now, oldest
+    first; the test skips with the reason if there are none (the archive's window
+    moves, so tests discover ABIs instead of naming them)."""
+    from kmodgate.sources import debian
+
+    found = [r for r in debian.available_kernel_releases(flavour) if r.startswith(series)]
+    if not found:
+        pytest.skip(f"the archive offers no {series} {flavour} kernel today")
+    return found

@@ -191,16 +191,20 @@ class Config:
         return sorted(m.name for m in self.modules.values() if m.required)
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a kmodgate.toml; UserError naming the key and line if wrong."""
+def read_config_text(path: str | Path) -> str:
+    """The configuration file's text; UserError naming the file if it cannot be read."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError("no such configuration file", where=p) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read configuration: {exc}", where=p) from None
-    return parse_config(text, p)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a kmodgate.toml; UserError naming the key and line if wrong."""
+    return parse_config(read_config_text(path), Path(path))
 
 
 def parse_config(text: str, path: str | Path | None = None) -> Config:

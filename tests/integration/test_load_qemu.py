@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_tool
+from conftest import archive_releases, require_tool
 from kmodgate.abi.compare import Outcome, ReasonCode, check_module
 from kmodgate.boot import initramfs
 from kmodgate.boot.kernel_image import boot_kernel, load_kernel_image
@@ -40,15 +40,6 @@ BOOT_TIMEOUT = 120.0
 # In-tree modules that load in a bare VM (no hardware needed); bonding
 # depends on tls in 6.1, which exercises dependency resolution.
 IN_TREE = ("crc7", "crc8", "dummy", "bonding")
-
-
-def releases_of_series(series: str) -> list[str]:
-    found = [r for r in debian.available_kernel_releases("amd64")
-             if r.startswith(series) and r.endswith("-amd64") and "-rt-" not in r
-             and "-cloud-" not in r]
-    if not found:
-        pytest.skip(f"the archive offers no {series} amd64 kernel today")
-    return found
 
 
 def merged_build_tree(release: str, dest: Path) -> Path:
@@ -102,8 +93,8 @@ def build_fixture_module(fixture: str, tree: Path, workdir: Path, name: str) -> 
 
 @pytest.fixture(scope="module")
 def releases() -> dict[str, str]:
-    series_61 = releases_of_series("6.1.")
-    series_612 = releases_of_series("6.12.")
+    series_61 = archive_releases("6.1.")
+    series_612 = archive_releases("6.12.")
     if len(series_61) < 2:
         pytest.skip("the archive offers a single 6.1 ABI: no other ABI to refuse")
     return {"61": series_61[-1], "61old": series_61[0], "612": series_612[-1]}
@@ -296,7 +287,7 @@ CRC_SYMBOL = "wake_up_process"  # the one symbol tests/fixtures/crc_module needs
 def same_layout_pair() -> tuple[str, str]:
     """Two 6.1 ABIs (older, newer) with the same module_layout CRC but a
     different CRC for CRC_SYMBOL: the newest such newer one."""
-    series = releases_of_series("6.1.")
+    series = archive_releases("6.1.")
     kernels = {r: load_kernel(f"debian:{r}") for r in series}
     for newer in reversed(series):
         for older in series[:series.index(newer)]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_tool
+from conftest import archive_releases, require_tool
 from kmodgate.abi.compare import MODULE_LAYOUT, Outcome, ReasonCode, check_module
 from kmodgate.abi.model import KernelABI, ModuleInfo
 from kmodgate.sources import debian
@@ -29,18 +29,9 @@ SIGNATURE_FIELDS = frozenset({"sig_id", "signer", "sig_key", "sig_hashalgo", "si
 REFORMATTED_FIELDS = frozenset({"parm", "parmtype"})
 
 
-def releases_of_series(series: str) -> list[str]:
-    found = [r for r in debian.available_kernel_releases("amd64")
-             if r.startswith(series) and r.endswith("-amd64") and "-rt-" not in r
-             and "-cloud-" not in r]
-    if not found:
-        pytest.skip(f"the archive offers no {series} amd64 kernel today")
-    return found
-
-
 @pytest.fixture(scope="module")
 def series_61() -> list[str]:
-    return releases_of_series("6.1.")
+    return archive_releases("6.1.")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +117,7 @@ def test_every_61_module_matches_modinfo(image_61: list[ModuleInfo]) -> None:
 
 
 def test_every_612_xz_module_matches_modprobe() -> None:
-    release = releases_of_series("6.12.")[-1]
+    release = archive_releases("6.12.")[-1]
     modules = load_module_ref(f"debian-image:{release}")
     assert all(m.path.endswith(".ko.xz") for m in modules)
     assert_versions_match_modprobe(modules)

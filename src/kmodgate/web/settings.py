@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kmodgate.config import KeyLocator, format_key
+from kmodgate.config import KeyLocator, format_key, read_config_text
 from kmodgate.errors import UserError
 
 READS = ("open", "token")
@@ -62,14 +62,7 @@ def load_web_settings(path: str | Path | None, env: Mapping[str, str] | None = N
     """The [web] table of the configuration at *path* (if any), then the environment."""
     settings = WebSettings()
     if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError("no such configuration file", where=p) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"cannot read configuration: {exc}", where=p) from None
-        settings = parse_web_settings(text, p)
+        settings = parse_web_settings(read_config_text(path), Path(path))
     return apply_environment(settings, os.environ if env is None else env)
 
 
