@@ -190,12 +190,18 @@ def read_module_tree(
     module_index = ModuleIndex(root) if index else None
     results: dict[str, ModuleInfo] = {}
     todo: list[str] = []
-    for f in files:
-        cached = module_index.lookup(f) if module_index else None
-        if cached is not None:
-            results[f] = cached
-        else:
-            todo.append(f)
+    # Rebuilding thousands of modules from the index allocates ~20,000 objects,
+    # none in cycles: without the collector this loop takes half the time.
+    gc.disable()
+    try:
+        for f in files:
+            cached = module_index.lookup(f) if module_index else None
+            if cached is not None:
+                results[f] = cached
+            else:
+                todo.append(f)
+    finally:
+        gc.enable()
     if todo:
         for f, parsed in zip(todo, parse_paths(todo, jobs=jobs), strict=True):
             if isinstance(parsed, UserError):
