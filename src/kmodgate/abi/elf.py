@@ -5,13 +5,17 @@ distribution kernel is the hot path of every abi check, and a general ELF
 library costs 10-50x more per file (benchmarks/read_modules.py).  The tests hold
 it to pyelftools and to ``modprobe --dump-modversions`` / ``modinfo``.
 
-It reads both ELF classes and byte orders, like kmod does.
+It reads both ELF classes and byte orders, like kmod does.  Symbol names and
+.modinfo keys are interned: "kfree" stands in thousands of modules, twice in
+each (__versions and the symbol table), and shared strings make the parsed
+image half the size to keep, pickle between processes and cache.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from sys import intern
 
 from kmodgate.abi.model import ExportType, ModuleExport, ModuleInfo
 from kmodgate.errors import UserError
@@ -251,7 +255,8 @@ def _parse_modinfo(raw: bytes) -> list[tuple[str, str]]:
             continue
         key, sep, value = item.partition(b"=")
         if sep:
-            pairs.append((key.decode("utf-8", "replace"), value.decode("utf-8", "replace")))
+            pairs.append((intern(key.decode("utf-8", "replace")),
+                          value.decode("utf-8", "replace")))
     return pairs
 
 
@@ -265,7 +270,7 @@ def _parse_versions(raw: bytes, layout: _Layout, path: str) -> dict[str, int]:
     # check_version() compares the whole unsigned long, so no bits are dropped;
     # it stops at the first entry of a name, so a duplicate never overrides.
     entries = [
-        (name.split(b"\0", 1)[0].decode("utf-8", "replace"), crc)
+        (intern(name.split(b"\0", 1)[0].decode("utf-8", "replace")), crc)
         for crc, name in struct.iter_unpack(layout.versions, raw)
     ]
     versions = dict(entries)
@@ -301,7 +306,7 @@ def _scan_symbols(
     for entry in entries:
         if entry[shndx_i] == SHN_UNDEF and entry[name_i]:
             st_name = entry[name_i]
-            sym = strtab[st_name : find(b"\0", st_name)].decode("utf-8", "replace")
+            sym = intern(strtab[st_name : find(b"\0", st_name)].decode("utf-8", "replace"))
             (weak if entry[info_i] >> 4 == STB_WEAK else undefined).append(sym)
     if not wants_exports:
         return undefined, weak, []

@@ -33,7 +33,7 @@ DEBIAN_IMAGE_PREFIX = "debian-image:"
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
 # Bump when the reader's output changes, so cached parses are not reused.
-READER_VERSION = 3
+READER_VERSION = 4
 
 # Below this many files a process pool costs more than it saves.
 PARALLEL_THRESHOLD = 64
