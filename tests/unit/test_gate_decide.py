@@ -215,3 +215,14 @@ def test_record_results_counts_and_error_is_replaced(gate: Gate) -> None:
     assert gate.known_fingerprints("abi", [r.fingerprint, "other"]) == {r.fingerprint}
     with pytest.raises(UserError, match="unknown check kind"):
         gate.record_results([result("zfs", K50, "boot")], now=T0)
+
+
+def test_a_check_with_no_binary_because_the_build_failed_says_so(gate: Gate) -> None:
+    gate.record_results([result("zfs", K50, "build", "fail"),
+                         result("openrazer-driver", K50, "build")], now=T0)
+    cells = {(c["module"], c["kind"]): c for c in gate.decide(K50, "next", now=T0).unsatisfied}
+    [no_binary] = cells[("zfs", "abi")]["reasons"]
+    assert no_binary["code"] == "no_binary"
+    assert "did not build" in no_binary["message"]
+    # Where the build passed, the abi result is simply not there yet.
+    assert cells[("openrazer-driver", "abi")]["reasons"][0]["code"] == "result_missing"

@@ -100,7 +100,15 @@ def _check_results(session: Session, config: Config, target: StreamConfig, kerne
         for kind in kinds:
             result = latest.get((module, kernel.release, kind))
             cell: dict[str, Any] = {"module": module, "kind": kind}
-            if result is None:
+            build = latest.get((module, kernel.release, "build"))
+            if result is None and kind != "build" and build is not None \
+                    and build.outcome == "fail":
+                # abi and load check the binaries a build made: there are none.
+                cell["outcome"] = MISSING
+                cell["reasons"] = [{"code": "no_binary",
+                                    "message": f"no {kind} result for {module} on "
+                                               f"{kernel.release}: it did not build there"}]
+            elif result is None:
                 cell["outcome"] = MISSING
                 cell["reasons"] = [{"code": "result_missing",
                                     "message": f"no {kind} result for {module} on "
