@@ -34,7 +34,7 @@ from kmodgate.build.sandbox import HIDDEN_DIRS, SCRATCH_DIRS, Mount
 from kmodgate.cache import atomic_write_bytes, cache_subdir, staging_dir
 from kmodgate.errors import InfraError, UserError
 from kmodgate.sources import debian
-from kmodgate.sources.debian import apt_lists_state as apt_lists_state  # matrix.py imports it here
+from kmodgate.sources.debian import apt_lists_state
 from kmodgate.sources.kernels import DEBIAN_PREFIX, find_build_tree, tree_arch, tree_release
 
 # Where a package root's parts go inside the sandbox: (glob under the root,

@@ -41,12 +41,13 @@ from typing import Any
 
 from kmodgate.abi.compare import Outcome
 from kmodgate.build.kbuild import cell_fingerprint, prepare_cell, relabel
-from kmodgate.build.kernel_tree import KernelTree, apt_lists_state, stage_kernel_tree
+from kmodgate.build.kernel_tree import KernelTree, stage_kernel_tree
 from kmodgate.build.sandbox import Limits
 from kmodgate.build.toolchain import Toolchain, ToolchainPolicy, select_toolchain
 from kmodgate.cache import atomic_write_bytes, cache_subdir
 from kmodgate.errors import UserError
 from kmodgate.results import CheckResult
+from kmodgate.sources.debian import apt_lists_state
 from kmodgate.sources.module_sources import ModuleSource, load_source
 
 # Resolving references downloads packages: I/O, not CPU, so a few at a time.

@@ -204,7 +204,7 @@ def download(name: str) -> Path:
 
 def unpack(deb: Path) -> Path:
     """*deb*'s files under a cache directory keyed by the package's content."""
-    digest = file_sha256(deb)
+    digest = _known_digest(deb)
     final = cache_subdir("unpacked") / digest[:24]
     if final.exists():
         return final
@@ -215,6 +215,29 @@ def unpack(deb: Path) -> Path:
                 f"not a valid Debian package: {_last_line(proc.stderr)}", where=deb
             )
     return final
+
+
+def _known_digest(path: Path) -> str:
+    """file_sha256(path), remembered while the file's (size, mtime, inode) stay the
+    same: a linux-image .deb is 70-107 MB, and every reference to it would
+    otherwise hash it again only to find the unpacked tree it already has."""
+    st = path.stat()
+    key = str(path.resolve())
+    identity = [st.st_size, st.st_mtime_ns, st.st_ino]
+    memo = cache_subdir("unpacked") / "digests.json"
+    try:
+        known = json.loads(memo.read_bytes())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    entry = known.get(key)
+    if isinstance(entry, list) and entry[:3] == identity and len(entry) == 4:
+        return str(entry[3])
+    digest = file_sha256(path)
+    known[key] = [*identity, digest]
+    atomic_write_bytes(memo, json.dumps(known).encode())
+    return digest
 
 
 def file_sha256(path: Path) -> str:
