@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -17,16 +18,23 @@ TEST_CACHE.mkdir(parents=True, exist_ok=True)
 
 IN_CI = bool(os.environ.get("CI"))
 
+# Fixtures shared by several test modules (the dashboard's store scenario).
+pytest_plugins = ["web_fixtures"]
+
+
+def missing(reason: str) -> NoReturn:
+    """A test's prerequisite is absent: skip with the reason, but never in CI,
+    where .ci/run installs everything and an absence is a failure."""
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
 
 def require_tool(name: str) -> str:
-    """The tool's path; a test without it skips with the reason, but never in CI,
-    where .ci/run installs every tool and a missing one is a failure."""
+    """The tool's path, or the test stops as missing() says."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (scripts/apt-packages.txt lists it)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{name} is not installed (scripts/apt-packages.txt lists it)")
     return path
 
 

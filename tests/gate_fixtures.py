@@ -22,14 +22,12 @@ import pytest
 from aiosmtpd.controller import Controller
 from sqlalchemy import create_engine
 
+from conftest import missing
 from kmodgate.abi.compare import Outcome
 from kmodgate.config import Config, parse_config
 from kmodgate.gate.service import Gate
 from kmodgate.results import CheckResult
 from kmodgate.store.db import open_store
-
-# As in conftest: in CI a missing tool fails instead of skipping.
-IN_CI = bool(os.environ.get("CI"))
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -129,10 +127,7 @@ def postgres_server() -> Iterator[str]:
     """The URL of a running PostgreSQL server (no database part)."""
     bindir = _postgres_bindir()
     if bindir is None:
-        message = "postgresql is not installed (scripts/apt-packages.txt lists it)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("postgresql is not installed (scripts/apt-packages.txt lists it)")
     # initdb refuses to run as root: run the server as Debian's postgres user.
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     root = Path(tempfile.mkdtemp(prefix="kmodgate-pg-"))

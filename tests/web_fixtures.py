@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 import uvicorn
 import zstandard
 from fastapi import FastAPI
@@ -69,6 +70,14 @@ def make_scenario(tmp_path: Path) -> Scenario:
     settings = WebSettings(tokens=(TokenHash("release-team", token_hash(TOKEN)),),
                            audit_log=audit)
     return Scenario(gate=gate, settings=settings, log_path=log_path, audit_path=audit)
+
+
+@pytest.fixture
+def scenario(tmp_path: Path) -> Iterator[Scenario]:
+    """A fresh store with the scenario's results (test modules import this fixture)."""
+    s = make_scenario(tmp_path)
+    yield s
+    s.gate.close()
 
 
 def fixed_clock(moment: datetime = NOW) -> datetime:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, REPO
-from web_fixtures import BUILD_REASON, NEW, TOKEN, Scenario, live_server, make_app, make_scenario
+from conftest import REPO, missing
+from web_fixtures import BUILD_REASON, NEW, TOKEN, Scenario, live_server, make_app
 
 pytestmark = pytest.mark.e2e
 
@@ -30,27 +30,14 @@ LAPTOP = {"width": 1366, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
 
-def _skip(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-@pytest.fixture
-def scenario(tmp_path: Path) -> Iterator[Scenario]:
-    s = make_scenario(tmp_path)
-    yield s
-    s.gate.close()
-
-
 @pytest.fixture
 def browser() -> Iterator[object]:
     if not Path(CHROMIUM).exists():
-        _skip("chromium is not installed (scripts/apt-packages.txt lists it)")
+        missing("chromium is not installed (scripts/apt-packages.txt lists it)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _skip("the playwright Python package is not installed")
+        missing("the playwright Python package is not installed")
     profile = Path(tempfile.mkdtemp(prefix="kmodgate-chromium-"))
     with sync_playwright() as p:
         # A persistent context is how Playwright takes a fresh user-data-dir of our own.

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -26,18 +25,10 @@ from web_fixtures import (
     fixed_clock,
     live_server,
     make_app,
-    make_scenario,
 )
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PROBLEM = "application/problem+json"
-
-
-@pytest.fixture
-def scenario(tmp_path: Path) -> Iterator[Scenario]:
-    s = make_scenario(tmp_path)
-    yield s
-    s.gate.close()
 
 
 @pytest.fixture
