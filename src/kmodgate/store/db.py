@@ -6,6 +6,12 @@ failing, and every transaction starts with BEGIN IMMEDIATE: a deferred
 transaction that reads and then writes can fail at once with SQLITE_BUSY when
 another run wrote in between, whatever the timeout.  PostgreSQL needs none of
 this.
+
+Every write transaction also bumps the store's generation just before it
+commits, so a reader can tell "nothing changed since" with one query: the
+gate's decision cache depends on it.  A transaction that only recorded results
+(and said for which kernels) bumps those kernels' result versions instead: a
+sync records results all the time, and should not invalidate every kernel.
 """
 
 from __future__ import annotations
@@ -17,17 +23,34 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from kmodgate.errors import InfraError, UserError
+from kmodgate.store.models import ResultVersion, StoreGeneration
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Connection.info key marking a read-only transaction (see Store.read).
 READ_ONLY = "kmodgate_read_only"
+# Connection.info key: the tables this transaction inserted into, updated or
+# deleted from ("*" where the statement did not say).
+WRITTEN = "kmodgate_written"
+# Session.info key: the connection the session's transaction runs on.
+CONNECTION = "kmodgate_connection"
+# Session.info key: kernels whose results the transaction recorded
+# (store.queries.record_result notes them).
+RESULT_KERNELS = "kmodgate_result_kernels"
+# What a transaction may write and still be counted per kernel.
+PER_KERNEL_TABLES = frozenset({"results", "result_versions"})
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Connections kept open: more than the web server's threads (web.app) use at
+# once.  Past pool_size SQLAlchemy closes each connection handed back, and
+# opening one again (SQLite's pragmas, PostgreSQL's log-in) costs more than
+# most queries.
+POOL: dict[str, Any] = {"pool_size": 12, "max_overflow": 20}
 # Serialises concurrent migrations of one PostgreSQL database: any constant will do.
 PG_MIGRATION_LOCK = 0x6B6D6F64
 
@@ -53,10 +76,11 @@ def make_engine(url: str) -> Engine:
             database = parsed.database or ""
             if database and database != ":memory:" and not database.startswith("file:"):
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
-            engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+                                   **POOL)
             _configure_sqlite(engine)
             return engine
-        return create_engine(parsed, pool_pre_ping=True)
+        return create_engine(parsed, pool_pre_ping=True, **POOL)
     except NoSuchModuleError as exc:
         raise InfraError(f"no database driver for {parsed.drivername}: {exc}") from None
 
@@ -116,12 +140,59 @@ def _first_line(exc: BaseException) -> str:
     return str(getattr(exc, "orig", exc)).strip().splitlines()[0]
 
 
+def _track_writes(engine: Engine) -> None:
+    """Note which tables a connection's transaction writes to, whether through
+    the ORM, a bulk insert or Core on the session's connection."""
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.info.pop(WRITTEN, None)
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _on_execute(connection: Connection, _cursor: Any, _statement: str, _parameters: Any,
+                    context: Any, _executemany: bool) -> None:
+        if context is not None and (context.isinsert or context.isupdate or context.isdelete):
+            table = getattr(getattr(context.compiled, "statement", None), "table", None)
+            connection.info.setdefault(WRITTEN, set()).add(getattr(table, "name", "*"))
+
+
+def _bump_generation(connection: Connection, written: set[str], result_kernels: set[str]) -> None:
+    if written <= PER_KERNEL_TABLES and result_kernels:
+        # In a fixed order: concurrent syncs then never wait on each other in a cycle.
+        insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+        for kernel in sorted(result_kernels):
+            connection.execute(insert(ResultVersion).values(kernel=kernel, version=1)
+                               .on_conflict_do_update(
+                                   index_elements=["kernel"],
+                                   set_={"version": ResultVersion.version + 1}))
+    else:
+        connection.execute(update(StoreGeneration).where(StoreGeneration.id == 1)
+                           .values(value=StoreGeneration.value + 1))
+
+
+GENERATION_QUERY = text("SELECT g.value, (SELECT r.version FROM result_versions r "
+                        "WHERE r.kernel = :kernel) FROM store_generation g WHERE g.id = 1")
+
+
+def kernel_generation(connection: Connection, kernel: str) -> tuple[int, int]:
+    """What has changed for decisions on *kernel*, as *connection* sees it: the
+    store's generation and the kernel's result version.  Each only grows."""
+    row = connection.execute(GENERATION_QUERY, {"kernel": kernel}).one()
+    return int(row[0]), int(row[1] or 0)
+
+
 class Store:
     """The database behind one URL: an engine and short transactions on it."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        _track_writes(engine)
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+        @event.listens_for(self._sessions, "after_begin")
+        def _remember_connection(session: Session, _transaction: Any,
+                                 connection: Connection) -> None:
+            session.info[CONNECTION] = connection
 
     @property
     def backend(self) -> str:
@@ -133,6 +204,14 @@ class Store:
         try:
             with self._sessions() as session, session.begin():
                 yield session
+                session.flush()
+                connection = session.info.get(CONNECTION)
+                written = connection.info.pop(WRITTEN, None) if connection is not None else None
+                if connection is not None and written:
+                    # Last, so the row lock is held only for the commit itself:
+                    # concurrent writers never wait on it while holding others.
+                    _bump_generation(connection, written,
+                                     session.info.pop(RESULT_KERNELS, set()))
         except OperationalError as exc:
             raise InfraError(f"database error: {_first_line(exc)}") from None
 
@@ -140,12 +219,22 @@ class Store:
     def read(self) -> Iterator[Session]:
         """A session for reading only: on SQLite a deferred transaction, so many
         readers (the dashboard, gate decide) never wait for a sync that writes."""
+        with self._read_connection() as connection, Session(bind=connection) as session:
+            yield session
+
+    def kernel_generation(self, kernel: str) -> tuple[int, int]:
+        """kernel_generation, read on its own: a quarter of what a session costs."""
+        with self._read_connection() as connection:
+            return kernel_generation(connection, kernel)
+
+    @contextmanager
+    def _read_connection(self) -> Iterator[Connection]:
         try:
             with self.engine.connect() as connection:
                 connection.info[READ_ONLY] = True
                 try:
-                    with connection.begin(), Session(bind=connection) as session:
-                        yield session
+                    with connection.begin():
+                        yield connection
                 finally:
                     connection.info.pop(READ_ONLY, None)
         except OperationalError as exc:

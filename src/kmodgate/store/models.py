@@ -1,5 +1,6 @@
 """The tables kmodgate keeps: kernels, check results, promotions, pins,
-waivers, gate decisions, notification events and their outbox.
+waivers, gate decisions, notification events and their outbox, and the
+store's generation.
 
 Every change to these classes needs a migration in ``migrations/versions``;
 a test compares the migrated schema with these models on every backend.
@@ -12,6 +13,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Dialect,
@@ -86,7 +88,10 @@ class Result(Base):
     __tablename__ = "results"
     __table_args__ = (
         UniqueConstraint("fingerprint", "kind", name="uq_results_fingerprint_kind"),
-        Index("ix_results_module_kernel_kind", "module", "kernel", "kind"),
+        # Each cell's latest time (store.queries.latest_query) from the index
+        # alone, by module (a module's row) or by kernel (a decision, the matrix).
+        Index("ix_results_cell_time", "module", "kernel", "kind", "recorded_at"),
+        Index("ix_results_kernel_cell_time", "kernel", "module", "kind", "recorded_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -94,7 +99,7 @@ class Result(Base):
     kind: Mapped[str] = mapped_column(String(20))
     module: Mapped[str] = mapped_column(String(200))
     module_version: Mapped[str] = mapped_column(String(200))
-    kernel: Mapped[str] = mapped_column(String(200), index=True)
+    kernel: Mapped[str] = mapped_column(String(200))
     outcome: Mapped[str] = mapped_column(String(10))
     reasons: Mapped[list[Any]]
     reproducer: Mapped[str] = mapped_column(Text, default="")
@@ -208,3 +213,29 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None]
     failed_at: Mapped[datetime | None]  # gave up: permanent error or too many attempts
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class StoreGeneration(Base):
+    """One row counting the store's committed write transactions, but for
+    those that only recorded results (ResultVersion counts those per kernel).
+
+    So "has anything a decision on this kernel reads changed?" is one read of
+    two numbers: what the gate's decision cache keys on, on every backend and
+    across processes.  kmodgate.store.db.Store.transaction bumps them.
+    """
+
+    __tablename__ = "store_generation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
+class ResultVersion(Base):
+    """How many transactions recorded results for a kernel: a sync writes
+    results all the time, and it should not make every kernel's cached
+    decision facts stale, only those of the kernels it checked."""
+
+    __tablename__ = "result_versions"
+
+    kernel: Mapped[str] = mapped_column(String(200), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger)

@@ -7,13 +7,14 @@ the database, not a lock in Python, decides who wins.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, and_, bindparam, func, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 from kmodgate.abi.compare import Outcome
 from kmodgate.errors import InfraError
 from kmodgate.results import CheckResult
+from kmodgate.store.db import RESULT_KERNELS
 from kmodgate.store.models import Base, Kernel, Result
 
 
@@ -85,6 +87,8 @@ def record_result(session: Session, result: CheckResult, now: datetime) -> Recor
     was never judged) is replaced by a later attempt.
     """
     values = _result_values(result, now)
+    # Only this kernel's cached decision facts need renewing (see store.db).
+    session.info.setdefault(RESULT_KERNELS, set()).add(result.kernel)
     if insert_ignore(session, Result, values, ("fingerprint", "kind")):
         return Recorded.NEW
     stored = session.scalars(
@@ -116,11 +120,13 @@ def ensure_kernel(session: Session, release: str, line: str, now: datetime, *,
                   package_version: str | None = None, source: str | None = None,
                   side_band: bool = False) -> Kernel:
     """The kernel row for *release*, created on first sight (first_seen = now)."""
-    insert_ignore(session, Kernel, {
-        "release": release, "line": line, "package_version": package_version,
-        "source": source, "side_band": side_band, "first_seen": now,
-    }, ("release",))
-    kernel = session.scalars(select(Kernel).where(Kernel.release == release)).one()
+    kernel = get_kernel(session, release)
+    if kernel is None:  # looked up first: a sync that finds nothing new writes nothing
+        insert_ignore(session, Kernel, {
+            "release": release, "line": line, "package_version": package_version,
+            "source": source, "side_band": side_band, "first_seen": now,
+        }, ("release",))
+        kernel = session.scalars(select(Kernel).where(Kernel.release == release)).one()
     if package_version and kernel.package_version != package_version:
         kernel.package_version = package_version  # learnt later, e.g. from the archive
     return kernel
@@ -130,26 +136,39 @@ def get_kernel(session: Session, release: str) -> Kernel | None:
     return session.scalars(select(Kernel).where(Kernel.release == release)).first()
 
 
-def _latest_ids(modules: Sequence[str] | None, kernels: Sequence[str] | None,
-                kinds: Sequence[str] | None) -> Any:
-    """A subquery of each (module, kernel, kind) cell's latest result id.
+def latest_query(columns: Sequence[Any], *, modules: Sequence[str] | None = None,
+                 kernels: Sequence[str] | None = None,
+                 kinds: Sequence[str] | None = None) -> tuple[Select[Any], dict[str, Any]]:
+    """*columns* of each (module, kernel, kind) cell's latest result, and the
+    parameters to execute that with: the latest is the one recorded last, of
+    the highest id if two were recorded at the same time (the query yields both
+    then, in id order, so the last one seen wins).
 
-    The database picks them (a window over the cell, newest first), so only
-    those rows travel, not the history.
+    The database finds each cell's latest time from an index on the cell and
+    the time alone, so only those rows travel, not the history.  This is the
+    one definition of "latest" that the gate, the matrix and the pages share.
     """
-    newest_first = func.row_number().over(
-        partition_by=(Result.module, Result.kernel, Result.kind),
-        order_by=(Result.recorded_at.desc(), Result.id.desc()),
-    )
-    ranked = select(Result.id, newest_first.label("rank"))
-    if modules is not None:
-        ranked = ranked.where(Result.module.in_(list(modules)))
-    if kernels is not None:
-        ranked = ranked.where(Result.kernel.in_(list(kernels)))
-    if kinds is not None:
-        ranked = ranked.where(Result.kind.in_(list(kinds)))
-    latest = ranked.subquery()
-    return select(latest.c.id).where(latest.c.rank == 1)
+    filters = {name: list(values) for name, values in
+               (("modules", modules), ("kernels", kernels), ("kinds", kinds))
+               if values is not None}
+    return _latest_statement(tuple(columns), frozenset(filters)), filters
+
+
+@functools.cache
+def _latest_statement(columns: tuple[Any, ...], filters: frozenset[str]) -> Select[Any]:
+    # Built once per shape, its lists bound at execution: building the statement
+    # took longer than running it.
+    cell = (Result.module, Result.kernel, Result.kind)
+    newest = select(*cell, func.max(Result.recorded_at).label("at")).group_by(*cell)
+    for name, column in (("modules", Result.module), ("kernels", Result.kernel),
+                         ("kinds", Result.kind)):
+        if name in filters:
+            newest = newest.where(column.in_(bindparam(name, expanding=True)))
+    n = newest.subquery()
+    return (select(*columns)
+            .join(n, and_(Result.module == n.c.module, Result.kernel == n.c.kernel,
+                          Result.kind == n.c.kind, Result.recorded_at == n.c.at))
+            .order_by(Result.id))
 
 
 def latest_results(session: Session, *, modules: Sequence[str] | None = None,
@@ -160,14 +179,18 @@ def latest_results(session: Session, *, modules: Sequence[str] | None = None,
     A cell has several results when the module or the recipe changed (new
     fingerprint); the latest says how things stand now.
     """
-    query = select(Result).where(Result.id.in_(_latest_ids(modules, kernels, kinds)))
-    return {(r.module, r.kernel, r.kind): r for r in session.scalars(query)}
+    query, params = latest_query([Result], modules=modules, kernels=kernels, kinds=kinds)
+    return {(r.module, r.kernel, r.kind): r for r in session.scalars(query, params)}
 
 
 class LatestOutcome(NamedTuple):
     outcome: str
     module_version: str
     reasons: list[Any]
+
+
+LATEST_OUTCOME_COLUMNS = (Result.module, Result.kernel, Result.kind, Result.outcome,
+                          Result.module_version, Result.reasons)
 
 
 def latest_outcomes(session: Session, *, modules: Sequence[str] | None = None,
@@ -177,11 +200,11 @@ def latest_outcomes(session: Session, *, modules: Sequence[str] | None = None,
     """What latest_results says, as plain rows of what a decision reads: a gate
     decision is asked hundreds of times a second, and building ORM objects
     with all their JSON columns would be most of its cost."""
-    query = select(Result.module, Result.kernel, Result.kind, Result.outcome,
-                   Result.module_version, Result.reasons).where(
-        Result.id.in_(_latest_ids(modules, kernels, kinds)))
+    query, params = latest_query(LATEST_OUTCOME_COLUMNS, modules=modules, kernels=kernels,
+                                 kinds=kinds)
     return {(m, k, kind): LatestOutcome(outcome, version, reasons)
-            for m, k, kind, outcome, version, reasons in session.execute(query)}
+            for m, k, kind, outcome, version, reasons
+            in session.connection().execute(query, params)}
 
 
 def result_to_check(r: Result) -> CheckResult:

@@ -3,8 +3,8 @@ the matrix, result listings, a kernel's neighbours and failures, events.
 
 Each takes an open session (from Gate.store.transaction()) and returns plain
 data.  The matrix reads only the columns it draws: a page of it covers
-thousands of cells and their history, and building ORM objects for each
-would cost more than the rest of the page.
+thousands of cells, and building ORM objects for each would cost more than
+the rest of the page.  "Latest" always means kmodgate.store.queries.latest_query.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from kmodgate.config import Config
 from kmodgate.gate.streams import kernels_by_line
 from kmodgate.results import KINDS
 from kmodgate.store.models import Event, Kernel, Result
+from kmodgate.store.queries import latest_query, latest_results
 
+MATRIX_COLUMNS = (Result.id, Result.module, Result.kernel, Result.kind, Result.outcome)
 # A failure or an infrastructure error on a kernel: what the kernel page lists.
 NOT_PASSING = (Outcome.FAIL.value, Outcome.ERROR.value)
 
@@ -76,21 +78,10 @@ def matrix(session: Session, config: Config, f: MatrixFilter) -> Matrix:
                  lines=lines, flavours=flavours, tags=all_tags(config))
     if not page or not modules:
         return out
-    # The latest result of each cell, chosen in SQL from the (module, kernel,
-    # kind) index alone (it holds the row id): a page covers ~10 results per
-    # cell with history, and fetching each row costs more than the page's budget.
-    # The newest row id stands for the newest result; the one exception is an
-    # `error` result replaced in place by a later run of the same inputs, which
-    # keeps its older id (see store.queries.record_result).
-    newest = (select(func.max(Result.id))
-              .where(Result.kernel.in_([c["release"] for c in page]))
-              .where(Result.module.in_(modules))
-              .where(Result.kind.in_(kinds))
-              .group_by(Result.module, Result.kernel, Result.kind))
-    query = select(Result.id, Result.module, Result.kernel, Result.kind,
-                   Result.outcome).where(Result.id.in_(newest.scalar_subquery()))
+    query, params = latest_query(MATRIX_COLUMNS, kernels=[c["release"] for c in page],
+                                 modules=modules, kinds=kinds)
     cells = out.cells
-    for rid, module, kernel, kind, outcome in session.execute(query):
+    for rid, module, kernel, kind, outcome in session.execute(query, params):
         cells[(module, kernel, kind)] = (rid, outcome)
     return out
 
@@ -166,11 +157,8 @@ def previous_kernel(session: Session, kernel: Kernel) -> Kernel | None:
 def latest_on_kernel(session: Session, release: str,
                      modules: Sequence[str] | None = None) -> dict[tuple[str, str], Result]:
     """(module, kind) -> the latest result on the kernel."""
-    query = select(Result).where(Result.kernel == release).order_by(Result.recorded_at,
-                                                                     Result.id)
-    if modules is not None:
-        query = query.where(Result.module.in_(list(modules)))
-    return {(r.module, r.kind): r for r in session.scalars(query)}
+    latest = latest_results(session, kernels=[release], modules=modules)
+    return {(module, kind): r for (module, _, kind), r in latest.items()}
 
 
 def list_events(session: Session, kind: str | None, module: str | None, offset: int,
@@ -192,9 +180,4 @@ def event_json(e: Event) -> dict[str, Any]:
 
 def module_cells(session: Session, module: str) -> list[Result]:
     """The latest result of each (kernel, kind) of *module*: the cells of its row."""
-    query = (select(Result).where(Result.module == module)
-             .order_by(Result.recorded_at, Result.id))
-    latest: dict[tuple[str, str], Result] = {}
-    for r in session.scalars(query):
-        latest[(r.kernel, r.kind)] = r
-    return list(latest.values())
+    return list(latest_results(session, modules=[module]).values())
