@@ -1,14 +1,17 @@
 """Gate decisions: may this kernel enter that stream?
 
-A decision is recomputed every time from what is stored (results, waivers,
-promotions, pins) and the stream's policy, never cached, so it cannot go
-stale.  Its JSON follows Fedora's Greenwave: ``allowed``, ``satisfied``,
-``unsatisfied`` (module, kind, outcome, reasons), ``waived`` (with the waiver
-used) and ``soak``, plus what else blocks (a pin, an older kernel).
+A decision is computed on every call from the stream's policy, the time,
+and what is stored (results, waivers, promotions, pins: the DecisionFacts of
+kmodgate.gate.facts, which may come from a cache that the store's generation
+keeps exact), so it cannot go stale.  Its JSON follows Fedora's Greenwave:
+``allowed``, ``satisfied``, ``unsatisfied`` (module, kind, outcome, reasons),
+``waived`` (with the waiver used) and ``soak``, plus what else blocks (a pin,
+an older kernel).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,20 +21,26 @@ from sqlalchemy.orm import Session
 from kmodgate.abi.compare import Outcome
 from kmodgate.config import Config, StreamConfig
 from kmodgate.errors import UserError
+from kmodgate.gate.facts import DecisionFacts, gather, pin_json, require_kernel
 from kmodgate.gate.streams import (
     active_pin,
     active_pins,
     current_promotion,
-    first_entry,
     is_older,
     kernels_by_line,
+    promotion_history,
 )
-from kmodgate.gate.waivers import active_waivers, matching_waiver, waiver_json
-from kmodgate.store.models import Kernel, Pin, Promotion
-from kmodgate.store.queries import get_kernel, latest_outcomes
+from kmodgate.gate.waivers import matching_waiver
+from kmodgate.store.models import Pin, Promotion
 
 MISSING = "missing"  # no result yet: blocks like a failure, but it is not the module's fault
 PASSING = frozenset({Outcome.PASS.value, Outcome.SKIP.value})  # skip: not applicable
+
+# (session, kernel, now) -> the facts to decide on: gather, or a cache of it.
+FactsReader = Callable[[Session, str, datetime], DecisionFacts]
+
+__all__ = ["Decision", "decide", "evaluate", "pin", "pin_json", "promote", "require_kernel",
+           "status", "unpin"]
 
 
 @dataclass
@@ -69,50 +78,46 @@ class Decision:
         }
 
 
-def require_kernel(session: Session, release: str) -> Kernel:
-    kernel = get_kernel(session, release)
-    if kernel is None:
-        raise UserError(f"unknown kernel {release!r}: no results recorded for it yet")
-    return kernel
-
-
 def decide(session: Session, config: Config, release: str, stream: str,
            now: datetime) -> Decision:
     """Whether *release* may enter *stream* at *now*, and why (not)."""
+    config.stream(stream)  # an unknown stream is the first thing to say
+    return evaluate(config, gather(session, config, release, now), stream, now)
+
+
+def evaluate(config: Config, facts: DecisionFacts, stream: str, now: datetime) -> Decision:
+    """The decision *stream*'s policy makes on *facts* at *now*: no store needed."""
     target = config.stream(stream)
-    kernel = require_kernel(session, release)
-    decision = Decision(kernel=release, stream=target.name, line=kernel.line, allowed=False)
-    _check_results(session, config, target, kernel, now, decision)
-    _check_soak(session, config, target, kernel, now, decision)
-    _check_current(session, target, kernel, decision)
-    _check_pin(session, target, kernel, decision)
+    decision = Decision(kernel=facts.kernel.release, stream=target.name,
+                        line=facts.kernel.line, allowed=False)
+    _check_results(config, target, facts, now, decision)
+    _check_soak(config, target, facts, now, decision)
+    _check_current(target, facts, decision)
+    _check_pin(target, facts, decision)
     decision.allowed = not decision.blockers
     return decision
 
 
-def _check_results(session: Session, config: Config, target: StreamConfig, kernel: Kernel,
+def _check_results(config: Config, target: StreamConfig, facts: DecisionFacts,
                    now: datetime, decision: Decision) -> None:
-    modules = config.policy_modules(target.name)
-    kinds = list(target.policy.kinds)
-    latest = latest_outcomes(session, modules=modules, kernels=[kernel.release], kinds=kinds)
-    waivers = active_waivers(session, now)
-    for module in modules:
-        for kind in kinds:
-            result = latest.get((module, kernel.release, kind))
+    release = facts.kernel.release
+    for module in config.policy_modules(target.name):
+        build = facts.results.get((module, "build"))
+        for kind in target.policy.kinds:
+            result = facts.results.get((module, kind))
             cell: dict[str, Any] = {"module": module, "kind": kind}
-            build = latest.get((module, kernel.release, "build"))
             if result is None and kind != "build" and build is not None \
                     and build.outcome == "fail":
                 # abi and load check the binaries a build made: there are none.
                 cell["outcome"] = MISSING
                 cell["reasons"] = [{"code": "no_binary",
                                     "message": f"no {kind} result for {module} on "
-                                               f"{kernel.release}: it did not build there"}]
+                                               f"{release}: it did not build there"}]
             elif result is None:
                 cell["outcome"] = MISSING
                 cell["reasons"] = [{"code": "result_missing",
                                     "message": f"no {kind} result for {module} on "
-                                               f"{kernel.release} yet"}]
+                                               f"{release} yet"}]
             else:
                 cell["outcome"] = result.outcome
                 cell["module_version"] = result.module_version
@@ -121,9 +126,9 @@ def _check_results(session: Session, config: Config, target: StreamConfig, kerne
                 cell.pop("reasons", None)
                 decision.satisfied.append(cell)
                 continue
-            waiver = matching_waiver(waivers, module, kernel.release, kind)
+            waiver = matching_waiver(facts.waivers, module, release, kind, now)
             if waiver is not None:
-                decision.waived.append({**cell, "waiver": waiver_json(waiver)})
+                decision.waived.append({**cell, "waiver": waiver.json})
             else:
                 decision.unsatisfied.append(cell)
     if decision.unsatisfied:
@@ -132,8 +137,8 @@ def _check_results(session: Session, config: Config, target: StreamConfig, kerne
         decision.blockers.append(f"{len(decision.unsatisfied)} unsatisfied: {cells}")
 
 
-def _check_soak(session: Session, config: Config, target: StreamConfig, kernel: Kernel,
-                now: datetime, decision: Decision) -> None:
+def _check_soak(config: Config, target: StreamConfig, facts: DecisionFacts, now: datetime,
+                decision: Decision) -> None:
     previous = config.previous_stream(target.name)
     required = target.policy.min_soak
     soak: dict[str, Any] = {
@@ -146,46 +151,44 @@ def _check_soak(session: Session, config: Config, target: StreamConfig, kernel: 
     decision.soak = soak
     if previous is None:
         return
-    entry = first_entry(session, kernel.release, previous.name)
-    if entry is not None:
-        soaked = max(now - entry.at, timedelta(0))
-        soak["entered_at"] = entry.at.isoformat()
+    entered = facts.entered.get(previous.name)
+    if entered is not None:
+        soaked = max(now - entered, timedelta(0))
+        soak["entered_at"] = entered.isoformat()
         soak["soaked_seconds"] = int(soaked.total_seconds())
     if not required:
         return
-    if entry is None:
+    if entered is None:
         soak["satisfied"] = False
         decision.blockers.append(f"never entered {previous.name}, where it must soak "
                                  f"{_human(required)}")
-    elif now - entry.at < required:
+    elif now - entered < required:
         soak["satisfied"] = False
-        left = required - (now - entry.at)
+        left = required - (now - entered)
         soak["remaining_seconds"] = int(left.total_seconds())
         decision.blockers.append(f"soaking in {previous.name}: {_human(left)} left of "
                                  f"{_human(required)}")
 
 
-def _check_current(session: Session, target: StreamConfig, kernel: Kernel,
-                   decision: Decision) -> None:
-    promotion = current_promotion(session, target.name, kernel.line)
-    if promotion is None:
+def _check_current(target: StreamConfig, facts: DecisionFacts, decision: Decision) -> None:
+    current = facts.current.get(target.name)
+    if current is None:
         return
-    decision.current = {"kernel": promotion.kernel, "since": promotion.at.isoformat()}
-    current = require_kernel(session, promotion.kernel)
-    if target.policy.forbid_older and is_older(kernel, current):
+    decision.current = {"kernel": current.kernel.release, "since": current.since.isoformat()}
+    if target.policy.forbid_older and is_older(facts.kernel, current.kernel):
         decision.current["older"] = True
-        decision.blockers.append(f"older than {target.name}'s current kernel {current.release}")
+        decision.blockers.append(f"older than {target.name}'s current kernel "
+                                 f"{current.kernel.release}")
 
 
-def _check_pin(session: Session, target: StreamConfig, kernel: Kernel,
-               decision: Decision) -> None:
-    pin = active_pin(session, target.name, kernel.line)
+def _check_pin(target: StreamConfig, facts: DecisionFacts, decision: Decision) -> None:
+    pin = facts.pins.get(target.name)
     if pin is None:
         return
-    decision.pin = pin_json(pin)
-    if pin.kernel != kernel.release:
-        decision.blockers.append(f"{target.name} is pinned to {pin.kernel} by {pin.author}: "
-                                 f"{pin.reason}")
+    decision.pin = pin
+    if pin["kernel"] != facts.kernel.release:
+        decision.blockers.append(f"{target.name} is pinned to {pin['kernel']} by "
+                                 f"{pin['author']}: {pin['reason']}")
 
 
 def promote(session: Session, config: Config, release: str, stream: str, now: datetime, *,
@@ -263,35 +266,41 @@ def unpin(session: Session, config: Config, stream: str, now: datetime, *, autho
 
 
 def status(session: Session, config: Config, now: datetime, *,
+           facts: FactsReader | None = None,
            candidates_per_line: int = 5) -> list[dict[str, Any]]:
     """Each stream's current kernel per line, its pin, and the newest candidates
     (kernels newer than the current one that reached the previous stream) with
     what blocks them."""
+    def gathered(s: Session, release: str, moment: datetime) -> DecisionFacts:
+        return gather(s, config, release, moment)
+
+    read_facts = facts or gathered
     lines = kernels_by_line(session)
+    history = promotion_history(session)
+    pins = {(p.stream, p.line): p for p in sorted(active_pins(session), key=lambda p: p.id)}
     out: list[dict[str, Any]] = []
     for target in config.streams:
         previous = config.previous_stream(target.name)
         stream_lines: list[dict[str, Any]] = []
         for line, kernels in lines.items():
-            promotion = current_promotion(session, target.name, line)
-            pin_row = active_pin(session, target.name, line)
+            current = history.current.get((target.name, line))
+            pin_row = pins.get((target.name, line))
             newer = kernels
-            if promotion is not None:
-                current_kernel = next((k for k in kernels if k.release == promotion.kernel), None)
+            if current is not None:
+                current_kernel = next((k for k in kernels if k.release == current.kernel), None)
                 if current_kernel is not None:
                     newer = [k for k in kernels if is_older(current_kernel, k)]
             if previous is not None:
-                newer = [k for k in newer
-                         if first_entry(session, k.release, previous.name) is not None]
+                newer = [k for k in newer if (k.release, previous.name) in history.entered]
             candidates = []
             for k in reversed(newer[-candidates_per_line:]):  # newest first
-                d = decide(session, config, k.release, target.name, now)
+                d = evaluate(config, read_facts(session, k.release, now), target.name, now)
                 candidates.append({"kernel": k.release, "allowed": d.allowed,
                                    "blockers": d.blockers, "waivers": d.waiver_ids})
             stream_lines.append({
                 "line": line,
-                "current": promotion.kernel if promotion else None,
-                "since": promotion.at.isoformat() if promotion else None,
+                "current": current.kernel if current else None,
+                "since": current.at.isoformat() if current else None,
                 "pin": pin_json(pin_row) if pin_row else None,
                 "candidates": candidates,
             })
@@ -306,11 +315,6 @@ def policy_json(target: StreamConfig) -> dict[str, Any]:
             "modules": list(p.modules) if isinstance(p.modules, tuple) else p.modules,
             "min_soak_seconds": int(p.min_soak.total_seconds()),
             "forbid_older": p.forbid_older}
-
-
-def pin_json(p: Pin) -> dict[str, Any]:
-    return {"id": p.id, "stream": p.stream, "line": p.line, "kernel": p.kernel,
-            "reason": p.reason, "author": p.author, "since": p.created_at.isoformat()}
 
 
 def _human(delta: timedelta) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 from kmodgate.config import Config, SourceConfig
 from kmodgate.errors import UserError
 from kmodgate.gate import policy, regressions, waivers
+from kmodgate.gate.facts import DecisionCache
 from kmodgate.lines import kernel_line
 from kmodgate.notify import events as notify_events
 from kmodgate.notify.email import EmailSender
@@ -41,6 +42,7 @@ class Gate:
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
         self.store = store
+        self.decision_cache = DecisionCache(config, store)
 
     @classmethod
     def open(cls, config: Config, url: str | None = None) -> Gate:
@@ -114,8 +116,10 @@ class Gate:
 
     def decide(self, kernel: str, stream: str, *,
                now: datetime | None = None) -> policy.Decision:
-        with self.store.read() as session:
-            return policy.decide(session, self.config, kernel, stream, now or utcnow())
+        moment = now or utcnow()
+        self.config.stream(stream)  # an unknown stream is the first thing to say
+        return policy.evaluate(self.config, self.decision_cache.facts(kernel, moment), stream,
+                               moment)
 
     def promote(self, kernel: str, stream: str, *, author: str, force: bool = False,
                 reason: str = "", now: datetime | None = None) -> dict[str, Any]:
@@ -142,7 +146,8 @@ class Gate:
 
     def status(self, *, now: datetime | None = None) -> list[dict[str, Any]]:
         with self.store.read() as session:
-            return policy.status(session, self.config, now or utcnow())
+            return policy.status(session, self.config, now or utcnow(),
+                                 facts=self.decision_cache.facts_in)
 
     def waive(self, scope: waivers.WaiverScope, *, reason: str, author: str,
               expires_at: datetime | None = None, duration: timedelta | None = None,

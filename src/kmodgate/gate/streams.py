@@ -10,7 +10,9 @@ holds one current kernel per line: the last one promoted into it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple, Protocol
 
 from debian.debian_support import Version
 from sqlalchemy import select
@@ -20,7 +22,17 @@ from kmodgate.lines import release_sort_key
 from kmodgate.store.models import Kernel, Pin, Promotion
 
 
-def kernel_sort_key(kernel: Kernel, by_package: bool) -> tuple[Any, ...]:
+class Orderable(Protocol):
+    """A kernel row, or a plain value with what ordering reads of one."""
+
+    @property
+    def release(self) -> str: ...
+
+    @property
+    def package_version(self) -> str | None: ...
+
+
+def kernel_sort_key(kernel: Orderable, by_package: bool) -> tuple[Any, ...]:
     if by_package and kernel.package_version:
         return (Version(kernel.package_version), release_sort_key(kernel.release))
     return (release_sort_key(kernel.release),)
@@ -33,7 +45,7 @@ def sort_kernels(kernels: Iterable[Kernel]) -> list[Kernel]:
     return sorted(items, key=lambda k: kernel_sort_key(k, by_package))
 
 
-def is_older(candidate: Kernel, than: Kernel) -> bool:
+def is_older(candidate: Orderable, than: Orderable) -> bool:
     by_package = bool(candidate.package_version and than.package_version)
     return kernel_sort_key(candidate, by_package) < kernel_sort_key(than, by_package)
 
@@ -53,6 +65,30 @@ def current_promotion(session: Session, stream: str, line: str) -> Promotion | N
         .order_by(Promotion.at.desc(), Promotion.id.desc())
         .limit(1)
     ).first()
+
+
+class Entry(NamedTuple):
+    kernel: str
+    at: datetime
+
+
+@dataclass
+class PromotionHistory:
+    """Every stream's current kernel per line and every kernel's first entry
+    into each stream, from one pass over the promotions (not a query each)."""
+
+    current: dict[tuple[str, str], Entry] = field(default_factory=dict)  # (stream, line)
+    entered: dict[tuple[str, str], datetime] = field(default_factory=dict)  # (kernel, stream)
+
+
+def promotion_history(session: Session) -> PromotionHistory:
+    history = PromotionHistory()
+    rows = session.execute(select(Promotion.kernel, Promotion.stream, Promotion.line,
+                                  Promotion.at).order_by(Promotion.at, Promotion.id))
+    for kernel, stream, line, at in rows:
+        history.current[(stream, line)] = Entry(kernel, at)  # later rows win
+        history.entered.setdefault((kernel, stream), at)
+    return history
 
 
 def current_kernels(session: Session, stream: str) -> dict[str, str]:

@@ -79,17 +79,56 @@ def all_waivers(session: Session) -> list[Waiver]:
     return list(session.scalars(select(Waiver).order_by(Waiver.id)))
 
 
-def waiver_applies(waiver: Waiver, module: str, kernel: str, kind: str) -> bool:
-    return (fnmatchcase(module, waiver.module)
-            and fnmatchcase(kernel, waiver.kernel_pattern)
-            and (waiver.kind == ANY or waiver.kind == kind))
+def in_force(w: Waiver | WaiverFact, now: datetime) -> bool:
+    """Created by *now*, and neither revoked nor expired by then."""
+    return (w.created_at <= now and (w.revoked_at is None or w.revoked_at > now)
+            and (w.expires_at is None or w.expires_at > now))
 
 
-def matching_waiver(waivers: list[Waiver], module: str, kernel: str,
-                    kind: str) -> Waiver | None:
-    """The first (oldest) waiver covering the cell, if any."""
+@dataclass(frozen=True)
+class WaiverFact:
+    """A waiver as a decision reads it: a plain value, safe to keep in a cache
+    and to share between threads, unlike the ORM row it was read from."""
+
+    id: int
+    module: str
+    kernel_pattern: str
+    kind: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    json: dict[str, Any]
+
+    @classmethod
+    def of(cls, w: Waiver) -> WaiverFact:
+        return cls(id=w.id, module=w.module, kernel_pattern=w.kernel_pattern, kind=w.kind,
+                   created_at=w.created_at, expires_at=w.expires_at, revoked_at=w.revoked_at,
+                   json=waiver_json(w))
+
+    def covers(self, module: str, kernel: str, kind: str) -> bool:
+        return (fnmatchcase(module, self.module)
+                and fnmatchcase(kernel, self.kernel_pattern)
+                and (self.kind == ANY or self.kind == kind))
+
+
+def waivers_for_kernel(session: Session, release: str, now: datetime) -> list[WaiverFact]:
+    """The waivers that cover *release* and are not over at *now* (revoked or
+    expired): those in force at *now* and those that may come into force later
+    (created in *now*'s future), oldest first."""
+    rows = session.scalars(
+        select(Waiver)
+        .where(or_(Waiver.revoked_at.is_(None), Waiver.revoked_at > now))
+        .where(or_(Waiver.expires_at.is_(None), Waiver.expires_at > now))
+        .order_by(Waiver.id)
+    )
+    return [WaiverFact.of(w) for w in rows if fnmatchcase(release, w.kernel_pattern)]
+
+
+def matching_waiver(waivers: list[WaiverFact], module: str, kernel: str, kind: str,
+                    now: datetime) -> WaiverFact | None:
+    """The first (oldest) waiver in force at *now* covering the cell, if any."""
     for w in waivers:
-        if waiver_applies(w, module, kernel, kind):
+        if w.covers(module, kernel, kind) and in_force(w, now):
             return w
     return None
 
@@ -107,6 +146,5 @@ def waiver_json(w: Waiver, now: datetime | None = None) -> dict[str, Any]:
         "revoked_at": w.revoked_at.isoformat() if w.revoked_at else None,
     }
     if now is not None:
-        out["active"] = (w.created_at <= now and (w.revoked_at is None or w.revoked_at > now)
-                         and (w.expires_at is None or w.expires_at > now))
+        out["active"] = in_force(w, now)
     return out
