@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kmodgate import __version__
 from kmodgate.abi.model import KernelABI
@@ -82,6 +86,19 @@ class WebContext:
         return value
 
 
+# Threads for the handlers that read the store (FastAPI runs plain functions in
+# a pool).  Their work is Python holding the GIL, so more threads only take
+# turns: with anyio's default of 40, a burst of cold decisions took twice as
+# long to clear as with 4 (benchmarks/web_load.py).
+WORKER_THREADS = 8
+
+
+@asynccontextmanager
+async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
+    yield
+
+
 def context(request: Request) -> WebContext:
     ctx = request.app.state.kmodgate
     assert isinstance(ctx, WebContext)
@@ -104,6 +121,7 @@ def create_app(gate_or_config: Gate | Config, settings: WebSettings | None = Non
     gate = gate_or_config if isinstance(gate_or_config, Gate) else Gate.open(gate_or_config)
     web = settings or WebSettings()
     app = FastAPI(
+        lifespan=_lifespan,
         title="kmodgate",
         version=__version__,
         description="Kernel builds checked against tracked out-of-tree modules, "
@@ -121,22 +139,41 @@ def create_app(gate_or_config: Gate | Config, settings: WebSettings | None = Non
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _install_error_handlers(app)
-    app.middleware("http")(_security_headers)
+    app.add_middleware(SecurityHeaders)
     return app
 
 
-async def _security_headers(request: Request,
-                            call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    response = await call_next(request)
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "same-origin")
-    if not request.url.path.startswith("/api/docs"):
-        # The pages use no script at all; forbidding it makes any escaping slip inert.
-        response.headers.setdefault(
-            "Content-Security-Policy",
-            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
-            "frame-ancestors 'none'; base-uri 'none'")
-    return response
+# The pages use no script at all; forbidding it makes any escaping slip inert.
+PAGE_POLICY = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+               "frame-ancestors 'none'; base-uri 'none'")
+
+
+class SecurityHeaders:
+    """Adds the security headers to every response.
+
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware would wrap every
+    response in a stream and cost each request a good part of a millisecond.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with_policy = not scope["path"].startswith("/api/docs")  # Swagger UI runs scripts
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("Referrer-Policy", "same-origin")
+                if with_policy:
+                    headers.setdefault("Content-Security-Policy", PAGE_POLICY)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def status_of(exc: KmodgateError) -> int:
