@@ -9,7 +9,11 @@ Then, with the application under uvicorn in its own process on loopback:
    kernels), 30 requests each, latency percentiles (target: under 300 ms);
 2. POST /api/v1/decision at an open-loop rate of 200 requests per second for
    10 seconds (latency counted from each request's scheduled time, so a
-   stalled server cannot hide its queue), percentiles (target: p95 under 50 ms).
+   stalled server cannot hide its queue), percentiles (target: p95 under 50 ms),
+   three times: right after start (cold decision cache), again (warm), and
+   while another process records new results as a sync would (ten
+   transactions a second on random kernels, each invalidating that kernel's
+   cached facts).
 
 Figures are printed, not asserted.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -28,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -127,6 +133,34 @@ def serve(config: Path, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
+def write_like_a_sync(config: Path, seconds: float) -> None:
+    """The child process: new results, as the runner records them, ten
+    transactions a second, each for one random kernel (a new module version of
+    one module, all three kinds)."""
+    from kmodgate.abi.compare import Outcome
+    from kmodgate.config import load_config
+    from kmodgate.gate.service import Gate
+    from kmodgate.results import CheckResult
+
+    gate = Gate.open(load_config(config))
+    rng = random.Random(11)
+    kernels = releases()
+    deadline = time.monotonic() + seconds
+    written = 0
+    while time.monotonic() < deadline:
+        kernel, module = rng.choice(kernels), f"mod{rng.randrange(MODULES):02d}"
+        version = f"2.{written}"
+        gate.record_results(
+            CheckResult(module=module, module_version=version, kernel=kernel, kind=kind,
+                        outcome=Outcome.FAIL if rng.random() < 0.05 else Outcome.PASS,
+                        fingerprint=f"{module}@{version}|{kernel}|{kind}")
+            for kind in KINDS)
+        written += 1
+        time.sleep(0.1)
+    gate.close()
+    print(f"  writer: {written} transactions ({written / seconds:.1f}/s)")
+
+
 def percentiles(samples: list[float]) -> str:
     ordered = sorted(samples)
 
@@ -153,51 +187,92 @@ def time_pages(base: str) -> None:
             print(f"{label:48s} {percentiles(samples)}")
 
 
-async def decision_load(base: str, rate: int, seconds: int) -> None:
-    import httpx
+class RawClient:
+    """Keep-alive HTTP/1.1 connections spoken to directly: the load generator
+    shares the machine with the server, and httpx would spend more CPU per
+    request than the server under test."""
 
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post_json(self, path: str, body: dict[str, str]) -> int:
+        payload = json.dumps(body).encode()
+        request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(payload)}"
+                   f"\r\n\r\n".encode() + payload)
+        while self.idle:
+            connection = self.idle.pop()
+            try:  # the server may have closed it as idle meanwhile: then try another
+                return await self._exchange(connection, request)
+            except (OSError, asyncio.IncompleteReadError):
+                connection[1].close()
+        return await self._exchange(await asyncio.open_connection("127.0.0.1", self.port),
+                                    request)
+
+    async def _exchange(self, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                        request: bytes) -> int:
+        reader, writer = connection
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        await reader.readexactly(length)
+        self.idle.append(connection)
+        return status
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+
+
+async def decision_load(port: int, rate: int, seconds: int, label: str) -> None:
+    """POST /api/v1/decision at *rate* per second, open loop: each request's
+    latency counts from when it was due, so a server that falls behind shows
+    its queue instead of hiding it."""
     kernels = releases()
     streams = ("next", "testing", "stable")
     rng = random.Random(7)
     total = rate * seconds
     latencies: list[float] = []
-    errors = 0
-    limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
-    async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as client:
-        for _ in range(20):  # warm the connection pool and the server
-            await client.post("/api/v1/decision", json={"kernel": kernels[0], "stream": "next"})
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+    statuses: Counter[int | str] = Counter()
+    client = RawClient(port)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
 
-        async def one(i: int) -> None:
-            nonlocal errors
-            scheduled = start + i / rate
-            await asyncio.sleep(max(0.0, scheduled - loop.time()))
-            body = {"kernel": rng.choice(kernels), "stream": rng.choice(streams)}
-            try:
-                response = await client.post("/api/v1/decision", json=body)
-                ok = response.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            latencies.append(loop.time() - scheduled)
-            if not ok:
-                errors += 1
+    async def one(i: int) -> None:
+        scheduled = start + i / rate
+        await asyncio.sleep(max(0.0, scheduled - loop.time()))
+        body = {"kernel": rng.choice(kernels), "stream": rng.choice(streams)}
+        try:
+            statuses[await client.post_json("/api/v1/decision", body)] += 1
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            statuses[type(exc).__name__] += 1
+        latencies.append(loop.time() - scheduled)
 
-        await asyncio.gather(*(one(i) for i in range(total)))
-        elapsed = loop.time() - start
-    print(f"decision at {rate}/s for {seconds}s: {percentiles(latencies)}")
-    print(f"  achieved {total / elapsed:.0f} requests/s, {errors} non-200 answers")
+    await asyncio.gather(*(one(i) for i in range(total)))
+    elapsed = loop.time() - start
+    client.close()
+    answers = ", ".join(f"{n} x {status}" for status, n in sorted(statuses.items(), key=str))
+    print(f"decision, {label}, {rate}/s for {seconds}s: {percentiles(latencies)}")
+    print(f"  achieved {total / elapsed:.0f} requests/s; answers: {answers}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--keep", type=Path, help="build the store here and keep it")
     parser.add_argument("--serve", nargs=2, metavar=("CONFIG", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--write", nargs=2, metavar=("CONFIG", "SECONDS"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=int, default=200)
     parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args()
     if args.serve:
         serve(Path(args.serve[0]), int(args.serve[1]))
+        return
+    if args.write:
+        write_like_a_sync(Path(args.write[0]), float(args.write[1]))
         return
     directory = args.keep or Path(tempfile.mkdtemp(prefix="kmodgate-web-bench-"))
     directory.mkdir(parents=True, exist_ok=True)
@@ -220,7 +295,14 @@ def main() -> None:
                 except httpx.HTTPError:
                     time.sleep(0.1)
             time_pages(base)
-            asyncio.run(decision_load(base, args.rate, args.seconds))
+            # Cold: the server has not seen these questions since the store last
+            # changed; warm: it has (the decision cache keys on the store's generation).
+            asyncio.run(decision_load(port, args.rate, args.seconds, "cold cache"))
+            asyncio.run(decision_load(port, args.rate, args.seconds, "warm cache"))
+            writer = subprocess.Popen([sys.executable, __file__, "--write", str(config),
+                                       str(args.seconds)])
+            asyncio.run(decision_load(port, args.rate, args.seconds, "during a sync"))
+            writer.wait()
         finally:
             server.terminate()
             try:
