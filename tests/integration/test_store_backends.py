@@ -67,7 +67,7 @@ def test_migrated_schema_is_the_models(store_url: str) -> None:
     assert schema_revision(engine) is None
     migrate(engine)
     migrate(engine)  # idempotent
-    assert schema_revision(engine) == "0002"
+    assert schema_revision(engine) == "0003"
     with engine.connect() as c:
         assert compare_metadata(MigrationContext.configure(c), Base.metadata) == []
         if engine.dialect.name == "sqlite":
@@ -78,7 +78,7 @@ def test_migrated_schema_is_the_models(store_url: str) -> None:
 def test_concurrent_migrations(store_url: str) -> None:
     engines = [make_engine(store_url) for _ in range(3)]
     run_together(3, lambda i: migrate(engines[i]))
-    assert schema_revision(engines[0]) == "0002"
+    assert schema_revision(engines[0]) == "0003"
     for e in engines:
         e.dispose()
 

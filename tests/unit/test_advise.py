@@ -18,51 +18,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from elfwriter import ModuleSpec, build_module
-from kmodgate.abi.model import Export, ExportType, KernelABI, ModuleInfo
+import httpx
+
+from advise_fixtures import GOLDEN, RELEASES, kernels, modules, write_corpus
+from gate_fixtures import make_config
 from kmodgate.abi.stablelist import format_stablelist, parse_stablelist
-from kmodgate.abi.symvers import format_symvers
 from kmodgate.advise.advice import advise
 from kmodgate.advise.churn import line_churn, subsystem
 from kmodgate.advise.usage import propose_stablelist
+from kmodgate.gate.service import Gate
+from kmodgate.web.app import create_app
+from kmodgate.web.pages import FIGURE_POLICY
+from kmodgate.web.settings import WebSettings
+from web_fixtures import live_server
 
-RELEASES = ["6.1.0-1-amd64", "6.1.0-2-amd64", "6.1.0-3-amd64"]
-CRCS: dict[str, list[int | None]] = {
-    "module_layout": [0x1, 0x2, 0x3],
-    "a": [0xA, 0xA, 0xA],
-    "b": [0xB1, 0xB2, 0xB2],
-    "c": [0xC, 0xC, None],
-    "d": [0xD, 0xD, 0xD],
-}
-USES = {"m1": ["a", "b"], "m2": ["a", "c"], "m3": ["a", "b", "d"]}
-GOLDEN = Path(__file__).resolve().parent.parent / "golden"
-
-
-def kernels() -> list[KernelABI]:
-    out = []
-    for i, release in enumerate(RELEASES):
-        exports = {
-            s: Export(s, crcs[i], "drivers/x/d" if s == "d" else "vmlinux",
-                      ExportType.GPL if s == "d" else ExportType.PLAIN)
-            for s, crcs in CRCS.items() if crcs[i] is not None
-        }
-        out.append(KernelABI(release, exports, origin=release,
-                             vermagic=f"{release} SMP mod_unload modversions ",
-                             machine="x86_64"))
-    return out
-
-
-def modules() -> list[ModuleInfo]:
-    out = []
-    for name, used in USES.items():
-        versions = {s: CRCS[s][0] or 0 for s in ["module_layout", *used]}
-        out.append(ModuleInfo(
-            name=name, path=f"{name}.ko", machine="x86_64",
-            modinfo=[("license", "GPL"), ("vermagic", f"{RELEASES[0]} SMP mod_unload "
-                                                      "modversions ")],
-            versions=versions, exports=[], undefined=list(used)))
-    return out
-
+KMODGATE = str(Path(sys.executable).with_name("kmodgate"))
 
 def test_churn_counts_changes_and_removals_per_update() -> None:
     lc = line_churn("6.1/amd64", kernels())
@@ -120,21 +90,81 @@ def test_survival_and_what_if_curves() -> None:
     assert [p.release for p in later.survival] == RELEASES[1:]
 
 
-def test_stablelist_output_through_the_command_matches_the_golden_file(tmp_path: Path) -> None:
-    for kernel in kernels():
-        (tmp_path / f"symvers-{kernel.release}").write_text(format_symvers(kernel.exports))
-    for m in modules():
-        spec = ModuleSpec(name=m.name, vermagic=m.vermagic, undefined=m.undefined,
-                          versions=list((m.versions or {}).items()))
-        (tmp_path / f"{m.name}.ko").write_bytes(build_module(spec))
+def advise_command(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """kmodgate advise on the corpus, with "a" already on the stablelist in force."""
     listed = tmp_path / "kabi_stablelist_x86_64"
     listed.write_text(format_stablelist("rhel9_x86_64_stablelist", ["a"]))
-    proc = subprocess.run(
-        [str(Path(sys.executable).with_name("kmodgate")), "advise", "--format", "stablelist",
-         "--coverage", "0.7", "--stablelist", str(listed),
-         *[a for r in RELEASES for a in ("--kernel", str(tmp_path / f"symvers-{r}"))],
-         *[a for name in USES for a in ("--module", str(tmp_path / f"{name}.ko"))]],
+    return subprocess.run(
+        [KMODGATE, "advise", "--format", "stablelist", "--coverage", "0.7",
+         "--stablelist", str(listed), *write_corpus(tmp_path), *extra],
         capture_output=True, text=True, check=True)
+
+
+def test_stablelist_output_through_the_command_matches_the_golden_file(tmp_path: Path) -> None:
+    proc = advise_command(tmp_path)
     golden = GOLDEN / "advise_proposal_stablelist"
     assert proc.stdout == golden.read_text()
     assert parse_stablelist(proc.stdout, "out").symbols == {"a", "b"}
+
+
+def test_plots_are_written_as_png_and_svg(tmp_path: Path) -> None:
+    advise_command(tmp_path, "--plots", str(tmp_path / "plots"))
+    for name in ("survival", "churn"):
+        assert (tmp_path / "plots" / f"{name}.png").read_bytes().startswith(b"\x89PNG\r\n")
+        assert "<svg" in (tmp_path / "plots" / f"{name}.svg").read_text()
+
+
+def test_recorded_advice_is_on_the_dashboard(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    gate = Gate.open(config)
+    try:
+        with live_server(create_app(gate, WebSettings())) as base, \
+                httpx.Client(base_url=base) as web:
+            assert "No advice recorded yet" in web.get("/advice").text
+            assert web.get("/api/v1/advice/1").status_code == 404
+
+            proc = advise_command(tmp_path, "--record", "--config", str(tmp_path / "kmodgate.toml"))
+            assert "recorded as report 1" in proc.stderr
+            assert proc.stdout == (GOLDEN / "advise_proposal_stablelist").read_text()
+
+            listing = web.get("/api/v1/advice").json()
+            assert listing["total"] == 1 and listing["items"][0]["base"] == RELEASES[0]
+            report = web.get("/api/v1/advice/1").json()
+            assert [(p["kernel"], p["loading"], p["loading_if_kept"])
+                    for p in report["report"]["survival"]] == [
+                (RELEASES[0], 3, 3), (RELEASES[1], 0, 3), (RELEASES[2], 0, 2)]
+            assert report["report"]["proposal"]["symbols"] == ["b"]
+            assert report["stablelist"] == proc.stdout
+
+            page = web.get("/advice")
+            assert page.status_code == 200
+            assert "3 modules built for" in page.text and "0 of 3 (0%)" in page.text
+            assert 'id="coverage"' in page.text  # "a" was listed: coverage is worth a table
+            assert 'src="/advice/1/survival.svg"' in page.text
+
+            figure = web.get("/advice/1/survival.svg")
+            assert figure.headers["content-type"] == "image/svg+xml"
+            assert figure.headers["content-security-policy"] == FIGURE_POLICY
+            assert "<svg" in figure.text and RELEASES[1] in figure.text
+            download = web.get("/advice/1/stablelist")
+            assert download.text == proc.stdout
+            assert "attachment" in download.headers["content-disposition"]
+
+            # Only the store's figures, by name; unknown reports are 404s.
+            assert web.get("/advice/2/survival.svg").status_code == 404
+            assert web.get("/advice?report=2").status_code == 404
+            assert web.get("/advice/1/..%2f..%2fkmodgate.toml.svg").status_code in (404, 422)
+            assert web.get("/advice/1/kmodgate.svg").status_code == 422
+    finally:
+        gate.close()
+
+
+def test_record_with_a_missing_configuration_fails_first_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.toml"
+    proc = subprocess.run([KMODGATE, "advise", "--record", "--config", str(missing),
+                           "--plots", str(tmp_path / "plots"), *write_corpus(tmp_path)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"kmodgate: error: {missing}: no such configuration "
+                                        "file"]
+    assert not (tmp_path / "plots").exists()  # it stopped before any work

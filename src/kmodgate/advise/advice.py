@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from kmodgate.abi.compare import Outcome, check_module
 from kmodgate.abi.model import KernelABI, ModuleInfo
+from kmodgate.abi.stablelist import format_stablelist
 from kmodgate.advise.churn import LineChurn, line_churn
 from kmodgate.advise.survival import SurvivalPoint, survival_curve
 from kmodgate.advise.usage import (
@@ -94,3 +95,11 @@ def advise(
         survival=survival_curve(modules, later, kept),
         reference=reference,
     )
+
+
+def proposed_stablelist(a: Advice, modules: Sequence[ModuleInfo]) -> str:
+    """The stablelist kept plus proposed, in kabi_stablelist format."""
+    # A bare Module.symvers does not say its architecture; the modules' ELF does.
+    machine = a.reference.machine or next((m.machine for m in modules if m.machine),
+                                          "unknown")
+    return format_stablelist(f"kmodgate_{machine}_stablelist", sorted(a.kept))

@@ -1,11 +1,14 @@
-"""Survival and churn figures as PNG and SVG (matplotlib, no display needed)."""
+"""Survival and churn figures (matplotlib, no display needed): PNG and SVG
+files for the command, SVG text for the store and the dashboard."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kmodgate.advise.advice import Advice
 from kmodgate.advise.survival import SurvivalPoint
 
 if TYPE_CHECKING:
@@ -22,7 +25,7 @@ def _figure() -> Figure:
     return Figure(figsize=(8, 4.5))
 
 
-def plot_survival(points: Sequence[SurvivalPoint], title: str, out_dir: Path) -> list[Path]:
+def survival_figure(points: Sequence[SurvivalPoint], title: str) -> Figure:
     fig = _figure()
     ax = fig.subplots()
     xs = [p.release for p in points]
@@ -35,20 +38,21 @@ def plot_survival(points: Sequence[SurvivalPoint], title: str, out_dir: Path) ->
     ax.legend(loc="center right")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    return _save(fig, out_dir / "survival")
+    return fig
 
 
-def plot_churn(per_subsystem: Sequence[tuple[str, int]], title: str, out_dir: Path) -> list[Path]:
+def churn_figure(per_subsystem: Sequence[tuple[str, int]], title: str) -> Figure:
     fig = _figure()
     ax = fig.subplots()
     ax.barh([name for name, _ in per_subsystem][::-1], [n for _, n in per_subsystem][::-1])
     ax.set_xlabel("CRC changes along the line")
     ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, out_dir / "churn")
+    return fig
 
 
-def _save(fig: Figure, stem: Path) -> list[Path]:
+def save(fig: Figure, stem: Path) -> list[Path]:
+    """*stem*.png and *stem*.svg."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in FORMATS:
@@ -56,3 +60,22 @@ def _save(fig: Figure, stem: Path) -> list[Path]:
         fig.savefig(path, format=fmt)
         paths.append(path)
     return paths
+
+
+def svg_text(fig: Figure) -> str:
+    # matplotlib escapes every label it writes, so a symbol or release name
+    # cannot smuggle markup into the picture.
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg")
+    return buffer.getvalue()
+
+
+def advice_figures(a: Advice, corpus: int, top: int) -> dict[str, Figure]:
+    """The advice's figures by name: what `advise --plots` writes and the
+    dashboard shows."""
+    return {
+        "survival": survival_figure(a.survival, f"Survival of {corpus} modules built for "
+                                                f"{a.base}"),
+        "churn": churn_figure(a.churn[a.line].subsystem_changes(a.reference).most_common(top),
+                              f"CRC churn along {a.line}"),
+    }

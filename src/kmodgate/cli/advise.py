@@ -11,7 +11,9 @@ from rich.table import Table
 
 from kmodgate.abi.stablelist import parse_stablelist
 from kmodgate.advise.advice import Advice
-from kmodgate.cli import JobsOpt, JsonOpt, app, emit_json, out
+from kmodgate.cli import JobsOpt, JsonOpt, app, emit_json, err, out
+from kmodgate.cli.gate import ConfigOpt, DbOpt, config_path, open_gate
+from kmodgate.config import load_config
 from kmodgate.errors import UserError
 
 
@@ -32,13 +34,16 @@ def advise_cmd(
                    "proposal in kabi_stablelist format.")] = "table",
     plots: Annotated[Path | None, typer.Option("--plots", help="Write survival and churn "
                      "plots (PNG, SVG) here.")] = None,
+    record: Annotated[bool, typer.Option("--record", help="Keep the report in the store, "
+                      "for the dashboard's advice page.")] = False,
+    config: ConfigOpt = None,
+    db: DbOpt = None,
     as_json: JsonOpt = False,
     jobs: JobsOpt = None,
 ) -> None:
     """Stablelist advice, churn and survival from real module data."""
-    from kmodgate.abi.stablelist import format_stablelist
-    from kmodgate.advise.advice import advise
-    from kmodgate.advise.plots import plot_churn, plot_survival
+    from kmodgate.advise.advice import advise, proposed_stablelist
+    from kmodgate.advise.plots import advice_figures, save
     from kmodgate.report import advice_json
     from kmodgate.sources.files import read_file
     from kmodgate.sources.kernels import expand_kernel_refs, load_kernel
@@ -46,6 +51,8 @@ def advise_cmd(
 
     if fmt not in ("table", "stablelist"):
         raise UserError(f"unknown format {fmt!r}: expected table or stablelist")
+    if record:  # a configuration that cannot work says so before minutes of reading
+        load_config(config_path(config))
     kernels = [load_kernel(r) for r in expand_kernel_refs(kernel_refs)]
     modules = load_modules(module_refs, jobs=jobs)
     listed: frozenset[str] = frozenset()
@@ -54,16 +61,18 @@ def advise_cmd(
                                   str(stablelist)).symbols
     a = advise(kernels, modules, base=base, stablelist=listed, coverage_target=coverage)
     if plots is not None:
-        plot_survival(a.survival, f"Survival of {len(modules)} modules built for {a.base}",
-                      plots)
-        plot_churn(a.churn[a.line].subsystem_changes(a.reference).most_common(top),
-                   f"CRC churn along {a.line}", plots)
+        for name, figure in advice_figures(a, len(modules), top).items():
+            save(figure, plots / name)
+    if record:
+        # Imported only here: the store costs the command a second of SQLAlchemy.
+        from kmodgate.advise.record import record_advice
+        from kmodgate.gate.service import utcnow
+
+        with open_gate(config, db) as gate:
+            report = record_advice(gate.store, a, modules, utcnow())
+        err.print(f"advice recorded as report {report}: the dashboard shows it at /advice")
     if fmt == "stablelist":
-        # A bare Module.symvers does not say its architecture; the modules' ELF does.
-        machine = a.reference.machine or next((m.machine for m in modules if m.machine),
-                                              "unknown")
-        section = f"kmodgate_{machine}_stablelist"
-        sys.stdout.write(format_stablelist(section, sorted(a.kept)))
+        sys.stdout.write(proposed_stablelist(a, modules))
         return
     if as_json:
         emit_json(advice_json(a, top))

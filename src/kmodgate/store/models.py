@@ -1,6 +1,6 @@
 """The tables kmodgate keeps: kernels, check results, promotions, pins,
-waivers, gate decisions, notification events and their outbox, and the
-store's generation.
+waivers, gate decisions, notification events and their outbox, the store's
+generation, and the advisor's reports.
 
 Every change to these classes needs a migration in ``migrations/versions``;
 a test compares the migrated schema with these models on every backend.
@@ -239,3 +239,21 @@ class ResultVersion(Base):
 
     kernel: Mapped[str] = mapped_column(String(200), primary_key=True)
     version: Mapped[int] = mapped_column(BigInteger)
+
+
+class AdviceReport(Base):
+    """One run of the advisor (`kmodgate advise --record`), kept for the
+    dashboard: its figures as the command's JSON, the stablelist it proposes
+    and its plots as SVG text, so the web serves them from the store alone."""
+
+    __tablename__ = "advice_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    recorded_at: Mapped[datetime]
+    base: Mapped[str] = mapped_column(String(200))  # the kernel the corpus was built for
+    line: Mapped[str] = mapped_column(String(200))
+    modules: Mapped[int] = mapped_column(Integer)  # the corpus's size
+    report: Mapped[dict[str, Any]]
+    stablelist: Mapped[str] = mapped_column(Text)  # kabi_stablelist format
+    survival_svg: Mapped[str] = mapped_column(Text)
+    churn_svg: Mapped[str] = mapped_column(Text)
