@@ -9,7 +9,8 @@
 #  4. the gate: sync the 6.1 line with those packages (examples/kmodgate.toml),
 #     the regressions found, and each stream's decision on the newest kernel;
 #  5. the advisor: survival of the in-tree modules along the line and the
-#     stablelist that would have kept them loading.
+#     stablelist that would have kept them loading, recorded in the store for
+#     the dashboard (`kmodgate serve`, then /advice).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -54,4 +55,6 @@ for stream in next stable; do
 done
 
 section "the advisor: in-tree modules of ${old#debian:} along the 6.1 line"
-kmodgate advise --kernel debian-line:6.1/amd64 --module "debian-image:${old#debian:}" --top 10
+kmodgate advise --kernel debian-line:6.1/amd64 --module "debian-image:${old#debian:}" --top 10 \
+    --record
+echo "the dashboard: KMODGATE_CONFIG=$KMODGATE_CONFIG .venv/bin/kmodgate serve"

@@ -16,8 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from advise_fixtures import kernels, modules
 from conftest import REPO, missing
-from web_fixtures import BUILD_REASON, NEW, TOKEN, Scenario, live_server, make_app
+from kmodgate.advise.advice import advise
+from kmodgate.advise.record import record_advice
+from web_fixtures import BUILD_REASON, NEW, NOW, TOKEN, Scenario, live_server, make_app
 
 pytestmark = pytest.mark.e2e
 
@@ -111,9 +114,20 @@ def test_red_cell_waiver_and_the_decision_flip(scenario: Scenario, browser: obje
             assert page.title().endswith("kmodgate")
             shot(page, name)
 
+        record_advice(scenario.gate.store, advise(kernels(), modules(), coverage_target=0.7),
+                      modules(), NOW)
+        page.goto(f"{base}/advice")
+        assert "0 of 3" in page.locator("table#survival").inner_text()
+        # The plots are pictures the page's policy lets load: the store's SVG, drawn.
+        plots = page.locator("figure.plot img").all()
+        assert len(plots) == 2
+        for img in plots:
+            assert img.evaluate("i => i.complete && i.naturalWidth > 0"), img.get_attribute("src")
+        shot(page, "advice")
+
         page.set_viewport_size(PHONE)
         for name, url in (("phone-overview", "/"), ("phone-matrix", "/matrix"),
-                          ("phone-kernel", f"/kernels/{NEW}")):
+                          ("phone-kernel", f"/kernels/{NEW}"), ("phone-advice", "/advice")):
             page.goto(base + url)
             # Nothing wider than the phone but the matrix, which scrolls in its own box.
             width = page.evaluate("document.documentElement.scrollWidth")

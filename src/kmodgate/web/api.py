@@ -1,5 +1,5 @@
 """REST API, version 1: kernels, modules, results, decisions, streams, waivers,
-events, promotions, pins, health.
+events, promotions, pins, the advisor's reports, health.
 
 Reads are open unless the settings say ``reads = "token"``; every change needs
 a bearer token and is audited, its token's name recorded as the author.
@@ -24,6 +24,7 @@ from kmodgate.config import parse_duration
 from kmodgate.errors import UserError
 from kmodgate.gate.waivers import ANY, WaiverScope
 from kmodgate.results import KINDS
+from kmodgate.store.models import AdviceReport
 from kmodgate.web import queries
 from kmodgate.web.app import WebContext, context
 from kmodgate.web.auth import Actor, authenticate, require_reader
@@ -305,6 +306,28 @@ def events(ctx: Ctx, kind: Annotated[str | None, Query(pattern="^(regression|fix
     with ctx.gate.store.read() as session:
         total, rows = queries.list_events(session, kind, module, offset, limit)
         return page(total, offset, limit, [queries.event_json(e) for e in rows])
+
+
+@router.get("/advice", summary="The advisor's recorded reports, newest first")
+def advice_reports(ctx: Ctx, offset: Offset = 0, limit: Limit = 50) -> dict[str, Any]:
+    with ctx.gate.store.read() as session:
+        total, items = queries.list_advice(session, offset, limit)
+        return page(total, offset, limit, items)
+
+
+@router.get("/advice/{report_id}", summary="One advisor report: survival, churn, symbol "
+                                           "usage and the proposed stablelist")
+def advice_report(ctx: Ctx, report_id: Id) -> dict[str, Any]:
+    return queries.advice_json(advice_or_404(ctx, report_id))
+
+
+def advice_or_404(ctx: WebContext, report_id: int | None) -> AdviceReport:
+    with ctx.gate.store.read() as session:
+        report = queries.get_advice(session, report_id)
+    if report is None:
+        raise UserError(f"unknown advice report {report_id}" if report_id is not None
+                        else "unknown advice report: none recorded yet")
+    return report
 
 
 class PromotionRequest(BaseModel):

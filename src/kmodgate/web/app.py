@@ -182,7 +182,7 @@ def status_of(exc: KmodgateError) -> int:
         return 503
     message = exc.message
     if message.startswith(("unknown kernel", "unknown stream", "unknown module",
-                           "unknown result", "no waiver", "no log")) \
+                           "unknown result", "unknown advice", "no waiver", "no log")) \
             or " has no pin" in message:
         return 404
     if "pinned" in message or "may not enter" in message:

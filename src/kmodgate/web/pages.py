@@ -1,5 +1,5 @@
 """The dashboard: overview, matrix, kernel, module, result and log pages,
-waivers.  Plain HTML with links and forms, no script: every page works with
+waivers, the advisor's report.  Plain HTML with links and forms, no script: every page works with
 JavaScript off, and the CSS lays it out for a laptop or a phone.
 """
 
@@ -9,7 +9,8 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi import Path as FastPath
+from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 from pydantic import ValidationError
 
 from kmodgate.abi.diff import BREAKING, diff_kernels
@@ -21,8 +22,10 @@ from kmodgate.web.api import (
     LINE_PATTERN,
     MAX_ID,
     NAME_PATTERN,
+    Id,
     WaiverRequest,
     add_waiver,
+    advice_or_404,
     kernel_view,
     revoke_waiver,
 )
@@ -195,6 +198,44 @@ def log_page(request: Request, result_id: int,
     lines, matched, truncated = search_log(text, q)
     return render(request, "log.html", {"r": r, "q": q, "lines": lines, "matched": matched,
                                         "truncated": truncated})
+
+
+@router.get("/advice")
+def advice_page(request: Request,
+                report: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None) -> Response:
+    ctx = reader_ctx(request)
+    with ctx.gate.store.read() as session:
+        _, reports = queries.list_advice(session, 0, 20)
+    if not reports and report is None:
+        return render(request, "advice.html", {"a": None, "reports": []})
+    a = queries.advice_json(advice_or_404(ctx, report))
+    # Without a stablelist in force every module's coverage is nought: no table then.
+    covered = any(c["covered"] for c in a["report"]["coverage"])
+    return render(request, "advice.html", {"a": a, "reports": reports, "covered": covered})
+
+
+# The figure columns by name: the request picks a name, never a file.
+ADVICE_FIGURES = {"survival": "survival_svg", "churn": "churn_svg"}
+# matplotlib's SVG styles its elements inline and needs nothing else; and
+# nothing in it may run, should someone open the picture on its own.
+FIGURE_POLICY = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
+
+
+@router.get("/advice/{report_id}/{figure}.svg")
+def advice_figure(request: Request, report_id: Id,
+                  figure: Annotated[str, FastPath(pattern="^(survival|churn)$")]) -> Response:
+    ctx = reader_ctx(request)
+    svg = getattr(advice_or_404(ctx, report_id), ADVICE_FIGURES[figure])
+    return Response(svg, media_type="image/svg+xml",
+                    headers={"Content-Security-Policy": FIGURE_POLICY})
+
+
+@router.get("/advice/{report_id}/stablelist")
+def advice_stablelist(request: Request, report_id: Id) -> Response:
+    ctx = reader_ctx(request)
+    a = advice_or_404(ctx, report_id)
+    return PlainTextResponse(a.stablelist, headers={
+        "Content-Disposition": f'attachment; filename="kmodgate-stablelist-{a.id}"'})
 
 
 @router.get("/waivers")

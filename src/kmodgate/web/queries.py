@@ -1,5 +1,6 @@
 """Read-only queries the pages and the API need beyond the gate service:
-the matrix, result listings, a kernel's neighbours and failures, events.
+the matrix, result listings, a kernel's neighbours and failures, events, the
+advisor's reports.
 
 Each takes an open session (from Gate.store.transaction()) and returns plain
 data.  The matrix reads only the columns it draws: a page of it covers
@@ -20,7 +21,7 @@ from kmodgate.abi.compare import Outcome
 from kmodgate.config import Config
 from kmodgate.gate.streams import kernels_by_line
 from kmodgate.results import KINDS
-from kmodgate.store.models import Event, Kernel, Result
+from kmodgate.store.models import AdviceReport, Event, Kernel, Result
 from kmodgate.store.queries import latest_query, latest_results
 
 MATRIX_COLUMNS = (Result.id, Result.module, Result.kernel, Result.kind, Result.outcome)
@@ -181,3 +182,31 @@ def event_json(e: Event) -> dict[str, Any]:
 def module_cells(session: Session, module: str) -> list[Result]:
     """The latest result of each (kernel, kind) of *module*: the cells of its row."""
     return list(latest_results(session, modules=[module]).values())
+
+
+# What a listing of advisor reports shows: not the report, nor its pictures.
+ADVICE_SUMMARY = (AdviceReport.id, AdviceReport.recorded_at, AdviceReport.base,
+                  AdviceReport.line, AdviceReport.modules)
+
+
+def list_advice(session: Session, offset: int, limit: int) -> tuple[int, list[dict[str, Any]]]:
+    """The advisor's reports, newest first, without their figures."""
+    total = session.scalar(select(func.count()).select_from(AdviceReport)) or 0
+    rows = session.execute(select(*ADVICE_SUMMARY).order_by(AdviceReport.id.desc())
+                           .offset(offset).limit(limit))
+    return int(total), [{"id": r.id, "recorded_at": r.recorded_at.isoformat(), "base": r.base,
+                         "line": r.line, "modules": r.modules} for r in rows]
+
+
+def get_advice(session: Session, report_id: int | None) -> AdviceReport | None:
+    """One report, or with no id the newest."""
+    if report_id is None:
+        return session.scalars(select(AdviceReport).order_by(AdviceReport.id.desc())
+                               .limit(1)).first()
+    return session.get(AdviceReport, report_id)
+
+
+def advice_json(a: AdviceReport) -> dict[str, Any]:
+    return {"id": a.id, "recorded_at": a.recorded_at.isoformat(), "base": a.base,
+            "line": a.line, "modules": a.modules, "report": a.report,
+            "stablelist": a.stablelist}
