@@ -19,10 +19,19 @@ from sqlalchemy.orm import Session
 
 from kmodgate.errors import UserError
 from kmodgate.gate.service import Gate
+from kmodgate.gate.waivers import WaiverScope
 from kmodgate.notify.events import Message
 from kmodgate.notify.outbox import DeliveryError, Outbox
 from kmodgate.store.db import make_engine, migrate, open_store, schema_revision
-from kmodgate.store.models import Base, Delivery, Event, Kernel, Result
+from kmodgate.store.models import (
+    Base,
+    Delivery,
+    Event,
+    Kernel,
+    Result,
+    ResultVersion,
+    StoreGeneration,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gate_fixtures
@@ -125,6 +134,63 @@ def test_concurrent_runs_store_each_result_once(store_url: str, tmp_path: Path) 
     assert gate.known_fingerprints("abi", fps) == {r.fingerprint for r in batch[:5]
                                                    if r.kind == "abi"}
     gate.close()
+
+
+def test_cached_decisions_see_another_process_and_only_its_kernels(store_url: str,
+                                                                   tmp_path: Path) -> None:
+    """The web server's decision cache, with a sync writing from another process
+    (another engine): a write to one kernel is seen at once on that kernel and
+    costs no other kernel its cached facts."""
+    config = make_config(tmp_path)
+    server = Gate(config, open_store(store_url))
+    sync = Gate(config, open_store(store_url, upgrade=False))
+    k50, k51 = "6.1.0-50-amd64", "6.1.0-51-amd64"
+    sync.record_results([result(m, k, kind) for m in config.modules for k in (k50, k51)
+                         for kind in ("abi", "build")], now=T0)
+    later = T0 + DAY
+    assert server.decide(k50, "next", now=later).allowed
+    misses = server.decision_cache.misses
+
+    sync.record_results([result("zfs", k51, "build", "fail", version="1.1")], now=later)
+    assert server.decide(k50, "next", now=later).allowed
+    assert server.decision_cache.misses == misses  # k50's facts still good
+    assert not server.decide(k51, "next", now=later).allowed
+
+    sync.record_results([result("zfs", k50, "build", "fail", version="1.1")], now=later)
+    assert not server.decide(k50, "next", now=later).allowed
+    sync.waive(WaiverScope("zfs", k50, "build"), reason="known", author="a", now=later)
+    assert server.decide(k50, "next", now=later).allowed  # a global write: seen too
+    server.close()
+    sync.close()
+
+
+def test_concurrent_syncs_count_every_result_transaction(store_url: str,
+                                                         tmp_path: Path) -> None:
+    """Four syncs recording on the same kernels at once lose no increment and
+    deadlock nowhere: each transaction bumps every kernel's result version (an
+    upsert), or, where it also wrote the kernels table (a sync meeting new
+    kernels), the store's generation."""
+    config = make_config(tmp_path)
+    open_store(store_url).dispose()
+    kernels = [f"6.1.0-{n}-amd64" for n in range(40, 44)]
+
+    def one_sync(i: int) -> None:
+        gate = Gate(config, open_store(store_url, upgrade=False))
+        try:
+            for v in range(5):
+                gate.record_results([result("zfs", k, "abi", version=f"{i}.{v}")
+                                     for k in kernels], now=T0)
+        finally:
+            gate.close()
+
+    run_together(4, one_sync)
+    store = open_store(store_url, upgrade=False)
+    with store.read() as s:
+        versions = dict(s.execute(select(ResultVersion.kernel, ResultVersion.version)).all())
+        generation = s.scalar(select(StoreGeneration.value))
+    assert generation is not None and 1 <= generation <= 4
+    assert versions == dict.fromkeys(kernels, 4 * 5 - generation)
+    store.dispose()
 
 
 def test_concurrent_event_emission_is_once(store_url: str, tmp_path: Path) -> None:
