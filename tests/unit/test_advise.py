@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from advise_fixtures import GOLDEN, RELEASES, kernels, modules, write_corpus
 from gate_fixtures import make_config
@@ -168,3 +169,18 @@ def test_record_with_a_missing_configuration_fails_first_in_one_line(tmp_path: P
     assert proc.stderr.splitlines() == [f"kmodgate: error: {missing}: no such configuration "
                                         "file"]
     assert not (tmp_path / "plots").exists()  # it stopped before any work
+
+
+def test_the_stored_report_keeps_what_a_page_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kmodgate.advise import record
+
+    monkeypatch.setattr(record, "TOP", 2)
+    monkeypatch.setattr(record, "NAMES", 1)
+    a = advise(kernels(), modules(), coverage_target=0.7, stablelist=frozenset({"a"}))
+    report = record.stored_report(a)
+    assert [(s["symbol"], s["users"], s["modules"]) for s in report["symbols"]] == [
+        ("a", 3, ["m1"]), ("b", 2, ["m1"])]
+    assert [(c["module"], c["uncovered"]) for c in report["coverage"]] == [
+        ("m3", ["b"]), ("m1", ["b"])]
+    assert report["coverage_total"] == 3 and report["stablelist_in_force"]
+    assert not record.stored_report(advise(kernels(), modules()))["stablelist_in_force"]

@@ -209,9 +209,7 @@ def advice_page(request: Request,
     if not reports and report is None:
         return render(request, "advice.html", {"a": None, "reports": []})
     a = queries.advice_json(advice_or_404(ctx, report))
-    # Without a stablelist in force every module's coverage is nought: no table then.
-    covered = any(c["covered"] for c in a["report"]["coverage"])
-    return render(request, "advice.html", {"a": a, "reports": reports, "covered": covered})
+    return render(request, "advice.html", {"a": a, "reports": reports})
 
 
 # The figure columns by name: the request picks a name, never a file.
@@ -225,7 +223,10 @@ FIGURE_POLICY = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 
 def advice_figure(request: Request, report_id: Id,
                   figure: Annotated[str, FastPath(pattern="^(survival|churn)$")]) -> Response:
     ctx = reader_ctx(request)
-    svg = getattr(advice_or_404(ctx, report_id), ADVICE_FIGURES[figure])
+    with ctx.gate.store.read() as session:
+        svg = queries.advice_figure(session, report_id, ADVICE_FIGURES[figure])
+    if svg is None:
+        raise UserError(f"unknown advice report {report_id}")
     return Response(svg, media_type="image/svg+xml",
                     headers={"Content-Security-Policy": FIGURE_POLICY})
 

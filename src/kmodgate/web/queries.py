@@ -206,6 +206,13 @@ def get_advice(session: Session, report_id: int | None) -> AdviceReport | None:
     return session.get(AdviceReport, report_id)
 
 
+def advice_figure(session: Session, report_id: int, column: str) -> str | None:
+    """One figure's SVG text, read alone (a report row is much larger)."""
+    value = session.scalar(select(getattr(AdviceReport, column))
+                           .where(AdviceReport.id == report_id))
+    return None if value is None else str(value)
+
+
 def advice_json(a: AdviceReport) -> dict[str, Any]:
     return {"id": a.id, "recorded_at": a.recorded_at.isoformat(), "base": a.base,
             "line": a.line, "modules": a.modules, "report": a.report,
