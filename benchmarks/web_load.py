@@ -2,7 +2,7 @@
 """The dashboard and the decision endpoint on a store of realistic size.
 
 Builds a store of 30 modules × 100 kernels (two lines) × 3 kinds, each cell
-with ten older results (module versions) besides the latest: 99,000 results.
+with eleven older results (module versions) besides the latest: 108,000 results.
 Then, with the application under uvicorn in its own process on loopback:
 
 1. the matrix page (default page: 25 kernels; and one whole line of 60
@@ -40,7 +40,7 @@ from pathlib import Path
 MODULES = 30
 LINES = {"6.1/amd64": 60, "6.12/amd64": 40}
 KINDS = ("abi", "build", "load")
-HISTORY = 10  # older results per cell
+HISTORY = 11  # older results per cell: 30 x 100 x 3 x 12 = 108,000 in all
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
