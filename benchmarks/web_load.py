@@ -10,7 +10,8 @@ Then, with the application under uvicorn in its own process on loopback:
 2. POST /api/v1/decision at an open-loop rate of 200 requests per second for
    10 seconds (latency counted from each request's scheduled time, so a
    stalled server cannot hide its queue), percentiles (target: p95 under 50 ms),
-   three times: right after start (cold decision cache), again (warm), and
+   four times: right after start (while the server warms its decision cache),
+   warm, just after a waiver is added (every kernel's cached facts stale), and
    while another process records new results as a sync would (ten
    transactions a second on random kernels, each invalidating that kernel's
    cached facts).
@@ -161,6 +162,17 @@ def write_like_a_sync(config: Path, seconds: float) -> None:
     print(f"  writer: {written} transactions ({written / seconds:.1f}/s)")
 
 
+def add_waiver(config: Path) -> None:
+    from kmodgate.config import load_config
+    from kmodgate.gate.service import Gate
+    from kmodgate.gate.waivers import WaiverScope
+
+    gate = Gate.open(load_config(config))
+    gate.waive(WaiverScope("mod00", "6.1.0-1-amd64", "build"), reason="benchmark",
+               author="bench", duration=timedelta(days=1))
+    gate.close()
+
+
 def percentiles(samples: list[float]) -> str:
     ordered = sorted(samples)
 
@@ -294,11 +306,12 @@ def main() -> None:
                     break
                 except httpx.HTTPError:
                     time.sleep(0.1)
+            # At once: the server warms its decision cache in the background as it starts.
+            asyncio.run(decision_load(port, args.rate, args.seconds, "right after start"))
             time_pages(base)
-            # Cold: the server has not seen these questions since the store last
-            # changed; warm: it has (the decision cache keys on the store's generation).
-            asyncio.run(decision_load(port, args.rate, args.seconds, "cold cache"))
             asyncio.run(decision_load(port, args.rate, args.seconds, "warm cache"))
+            add_waiver(config)  # a write every kernel's decision reads: all facts stale
+            asyncio.run(decision_load(port, args.rate, args.seconds, "after a waiver"))
             writer = subprocess.Popen([sys.executable, __file__, "--write", str(config),
                                        str(args.seconds)])
             asyncio.run(decision_load(port, args.rate, args.seconds, "during a sync"))

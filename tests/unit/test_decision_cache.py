@@ -98,7 +98,7 @@ def test_results_on_one_kernel_keep_the_others_cached(gate: Gate) -> None:
     generation_before = gate.store.kernel_generation(K50)
     gate.record_results([result("zfs", K51, "build", "fail", version="2.0")], now=T0)
     assert gate.store.kernel_generation(K50) == generation_before
-    assert gate.store.kernel_generation(K51)[1] > generation_before[1]
+    assert gate.store.kernel_generation(K51).kernel_results > generation_before.kernel_results
     hits, misses = counts(gate)
     assert gate.decide(K50, "next", now=T0).allowed
     assert not gate.decide(K51, "next", now=T0).allowed
@@ -122,7 +122,7 @@ def test_a_learnt_package_version_renews_every_kernel(gate: Gate) -> None:
     before = gate.store.kernel_generation(K52)
     gate.record_kernel(K50, package_version="6.1.50-1", now=T0)
     after = gate.store.kernel_generation(K52)
-    assert after[0] == before[0] + 1  # kernels are read by the ordering of others
+    assert after.state == before.state + 1  # kernels are read by the ordering of others
     assert gate.decision_cache.facts(K50, T0).kernel.package_version == "6.1.50-1"
 
 
@@ -143,7 +143,8 @@ def test_results_written_without_naming_their_kernel_renew_everything(gate: Gate
     with gate.store.transaction() as session:  # a write record_result did not note
         row = session.query(Result).filter_by(module="zfs", kind="build").one()
         row.outcome = "fail"
-    assert gate.store.kernel_generation(K50)[0] == before[0] + 1
+    after = gate.store.kernel_generation(K50)
+    assert after == before._replace(results=before.results + 1)  # the state stays
     assert not gate.decide(K50, "next", now=T0).allowed
 
 
@@ -191,21 +192,39 @@ def test_the_cache_keeps_its_size(gate: Gate) -> None:
     assert cache.misses == 4
 
 
-def test_concurrent_misses_on_one_kernel_gather_once(gate: Gate,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_warming_gathers_the_newest_kernels_the_cache_holds(gate: Gate) -> None:
+    cache = DecisionCache(gate.config, gate.store, size=2)
+    for i, kernel in enumerate((K50, K51, K52)):
+        all_pass(gate, kernel, now=T0 + i * DAY)
+    assert cache.warm(T0 + 3 * DAY) == 2
+    cache.facts(K52, T0 + 3 * DAY)
+    cache.facts(K51, T0 + 3 * DAY)
+    assert (cache.hits, cache.misses) == (2, 2)  # K52 and K51 were ready; K50 was not
+    stop = threading.Event()
+    stop.set()
+    assert DecisionCache(gate.config, gate.store).warm(T0, stop) == 0
+
+
+def test_concurrent_misses_on_one_kernel_read_once(gate: Gate,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     all_pass(gate, K50)
     cache = DecisionCache(gate.config, gate.store)
-    real_gather = facts_module.gather
+    real_results, real_state = facts_module.read_results, facts_module.read_state
     started, release = threading.Event(), threading.Event()
-    gathered: list[str] = []
+    read: list[str] = []
 
-    def slow_gather(*args: Any) -> Any:
-        gathered.append(args[2])
+    def slow_results(*args: Any) -> Any:
+        read.append(args[2])
         started.set()
         release.wait(timeout=10)
-        return real_gather(*args)
+        return real_results(*args)
 
-    monkeypatch.setattr(facts_module, "gather", slow_gather)
+    def counted_state(*args: Any) -> Any:
+        read.append("state")
+        return real_state(*args)
+
+    monkeypatch.setattr(facts_module, "read_results", slow_results)
+    monkeypatch.setattr(facts_module, "read_state", counted_state)
     answers: list[Any] = []
     first = threading.Thread(target=lambda: answers.append(cache.facts(K50, T0)))
     first.start()
@@ -214,13 +233,26 @@ def test_concurrent_misses_on_one_kernel_gather_once(gate: Gate,
               for _ in range(4)]
     for t in others:
         t.start()
-    time.sleep(0.2)  # the others are now waiting for the first gathering
+    time.sleep(0.2)  # the others are now waiting for the first reading
     release.set()
     for t in (first, *others):
         t.join(timeout=10)
-    assert gathered == [K50]
-    assert len(answers) == 5 and all(a is answers[0] for a in answers)
-    assert cache.misses == 1
+    assert read == [K50, "state"]
+    assert len(answers) == 5 and all(a == answers[0] for a in answers)
+    assert cache.results_reads == 1
+
+
+def test_a_waiver_renews_the_state_not_every_kernels_results(gate: Gate) -> None:
+    for kernel in (K50, K51, K52):
+        all_pass(gate, kernel)
+        gate.decide(kernel, "next", now=T0)
+    reads = gate.decision_cache.results_reads
+    gate.waive(WaiverScope("zfs", K51, "build"), reason="known", author="a", now=T0)
+    gate.record_results([result("zfs", K51, "build", "fail", version="2.0")], now=T0)
+    assert gate.decide(K51, "next", now=T0).allowed  # waived: the new state is seen
+    assert gate.decide(K50, "next", now=T0).allowed
+    assert gate.decide(K52, "next", now=T0).allowed
+    assert gate.decision_cache.results_reads == reads + 1  # K51's new result alone
 
 
 def test_ties_in_recorded_time_resolve_to_the_last_recorded(gate: Gate) -> None:

@@ -54,6 +54,17 @@ def test_health_and_openapi(client: httpx.Client) -> None:
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
 
 
+def test_the_server_warms_its_decisions_at_start(scenario: Scenario) -> None:
+    app = make_app(scenario)
+    cache = scenario.gate.decision_cache
+    with live_server(app) as base:
+        app.state.kmodgate.warming.join(timeout=20)
+        assert cache.misses == 2  # the scenario's two kernels, before any question
+        r = httpx.post(f"{base}/api/v1/decision", json={"kernel": NEW, "stream": "next"})
+        assert r.status_code == 200 and (cache.hits, cache.misses) == (1, 2)
+    assert not app.state.kmodgate.warming.is_alive()
+
+
 def test_decision_is_greenwave_style(client: httpx.Client) -> None:
     r = client.post("/api/v1/decision", json={"kernel": NEW, "stream": "next"})
     assert r.status_code == 200

@@ -111,17 +111,17 @@ class WaiverFact:
                 and (self.kind == ANY or self.kind == kind))
 
 
-def waivers_for_kernel(session: Session, release: str, now: datetime) -> list[WaiverFact]:
-    """The waivers that cover *release* and are not over at *now* (revoked or
-    expired): those in force at *now* and those that may come into force later
-    (created in *now*'s future), oldest first."""
+def waivers_not_over(session: Session, now: datetime) -> list[WaiverFact]:
+    """The waivers not over at *now* (revoked or expired): those in force at
+    *now* and those that may come into force later (created in *now*'s
+    future), oldest first."""
     rows = session.scalars(
         select(Waiver)
         .where(or_(Waiver.revoked_at.is_(None), Waiver.revoked_at > now))
         .where(or_(Waiver.expires_at.is_(None), Waiver.expires_at > now))
         .order_by(Waiver.id)
     )
-    return [WaiverFact.of(w) for w in rows if fnmatchcase(release, w.kernel_pattern)]
+    return [WaiverFact.of(w) for w in rows]
 
 
 def matching_waiver(waivers: list[WaiverFact], module: str, kernel: str, kind: str,

@@ -7,11 +7,15 @@ transaction that reads and then writes can fail at once with SQLITE_BUSY when
 another run wrote in between, whatever the timeout.  PostgreSQL needs none of
 this.
 
-Every write transaction also bumps the store's generation just before it
+Every write transaction also bumps a generation counter just before it
 commits, so a reader can tell "nothing changed since" with one query: the
-gate's decision cache depends on it.  A transaction that only recorded results
-(and said for which kernels) bumps those kernels' result versions instead: a
-sync records results all the time, and should not invalidate every kernel.
+gate's decision cache depends on it.  Results are counted apart from the rest
+(kernels, promotions, pins, waivers: the gate's state): a transaction that
+recorded results for the kernels it named bumps those kernels' result
+versions, one that wrote results without naming them the results generation,
+and one that wrote anything else the state generation.  A sync records
+results all the time and should not make every kernel's facts stale; a
+waiver changes the state every decision reads, but no kernel's results.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -45,6 +49,8 @@ CONNECTION = "kmodgate_connection"
 RESULT_KERNELS = "kmodgate_result_kernels"
 # What a transaction may write and still be counted per kernel.
 PER_KERNEL_TABLES = frozenset({"results", "result_versions"})
+# The rows of store_generation: one counter each.
+STATE_GENERATION, RESULTS_GENERATION = 1, 2
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Connections kept open: more than the web server's threads (web.app) use at
 # once.  Past pool_size SQLAlchemy closes each connection handed back, and
@@ -157,28 +163,56 @@ def _track_writes(engine: Engine) -> None:
 
 
 def _bump_generation(connection: Connection, written: set[str], result_kernels: set[str]) -> None:
-    if written <= PER_KERNEL_TABLES and result_kernels:
-        # In a fixed order: concurrent syncs then never wait on each other in a cycle.
-        insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
-        for kernel in sorted(result_kernels):
-            connection.execute(insert(ResultVersion).values(kernel=kernel, version=1)
-                               .on_conflict_do_update(
-                                   index_elements=["kernel"],
-                                   set_={"version": ResultVersion.version + 1}))
-    else:
-        connection.execute(update(StoreGeneration).where(StoreGeneration.id == 1)
-                           .values(value=StoreGeneration.value + 1))
+    unknown = "*" in written  # a statement that did not say its table: assume the worst
+    if written & PER_KERNEL_TABLES or unknown:
+        if result_kernels and not unknown:
+            # In a fixed order: concurrent syncs then never wait on each other in a cycle.
+            insert = (postgresql.insert if connection.dialect.name == "postgresql"
+                      else sqlite.insert)
+            for kernel in sorted(result_kernels):
+                connection.execute(insert(ResultVersion).values(kernel=kernel, version=1)
+                                   .on_conflict_do_update(
+                                       index_elements=["kernel"],
+                                       set_={"version": ResultVersion.version + 1}))
+        else:
+            _bump(connection, RESULTS_GENERATION)
+    if written - PER_KERNEL_TABLES:
+        _bump(connection, STATE_GENERATION)
 
 
-GENERATION_QUERY = text("SELECT g.value, (SELECT r.version FROM result_versions r "
-                        "WHERE r.kernel = :kernel) FROM store_generation g WHERE g.id = 1")
+def _bump(connection: Connection, counter: int) -> None:
+    connection.execute(update(StoreGeneration).where(StoreGeneration.id == counter)
+                       .values(value=StoreGeneration.value + 1))
 
 
-def kernel_generation(connection: Connection, kernel: str) -> tuple[int, int]:
-    """What has changed for decisions on *kernel*, as *connection* sees it: the
-    store's generation and the kernel's result version.  Each only grows."""
-    row = connection.execute(GENERATION_QUERY, {"kernel": kernel}).one()
-    return int(row[0]), int(row[1] or 0)
+GENERATION_QUERY = text(
+    "SELECT (SELECT value FROM store_generation WHERE id = :state), "
+    "(SELECT value FROM store_generation WHERE id = :results), "
+    "(SELECT version FROM result_versions WHERE kernel = :kernel)")
+
+
+class Generation(NamedTuple):
+    """What has changed for decisions on a kernel; each number only grows."""
+
+    state: int  # kernels, promotions, pins, waivers: what every decision reads
+    results: int  # results written without naming their kernels
+    kernel_results: int  # results recorded for this kernel
+
+    def covers(self, other: Generation) -> bool:
+        """Whatever was read at self is at least as new as what *other* asks."""
+        return all(mine >= theirs for mine, theirs in zip(self, other, strict=True))
+
+
+def state_generation(connection: Connection) -> int:
+    """The state's part of every kernel's generation."""
+    return kernel_generation(connection, "").state
+
+
+def kernel_generation(connection: Connection, kernel: str) -> Generation:
+    """The generation of *kernel*'s decision facts as *connection* sees it."""
+    row = connection.execute(GENERATION_QUERY, {"kernel": kernel, "state": STATE_GENERATION,
+                                                "results": RESULTS_GENERATION}).one()
+    return Generation(int(row[0]), int(row[1] or 0), int(row[2] or 0))
 
 
 class Store:
@@ -222,7 +256,7 @@ class Store:
         with self._read_connection() as connection, Session(bind=connection) as session:
             yield session
 
-    def kernel_generation(self, kernel: str) -> tuple[int, int]:
+    def kernel_generation(self, kernel: str) -> Generation:
         """kernel_generation, read on its own: a quarter of what a session costs."""
         with self._read_connection() as connection:
             return kernel_generation(connection, kernel)

@@ -216,11 +216,12 @@ class Delivery(Base):
 
 
 class StoreGeneration(Base):
-    """One row counting the store's committed write transactions, but for
-    those that only recorded results (ResultVersion counts those per kernel).
+    """Counters of the store's committed write transactions: row 1 those that
+    wrote the gate's state (anything but results), row 2 those that wrote
+    results without naming their kernels (ResultVersion counts the others).
 
     So "has anything a decision on this kernel reads changed?" is one read of
-    two numbers: what the gate's decision cache keys on, on every backend and
+    three numbers: what the gate's decision cache keys on, on every backend and
     across processes.  kmodgate.store.db.Store.transaction bumps them.
     """
 

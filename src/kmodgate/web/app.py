@@ -70,6 +70,9 @@ class WebContext:
     # ABI diffs are slow to compute (headers fetched, exports parsed): keep them.
     _abi_cache: dict[tuple[str, str], Any] = field(default_factory=dict)
     _abi_lock: threading.Lock = field(default_factory=threading.Lock)
+    # The decision cache's warm-up at start (see _lifespan).
+    warming: threading.Thread | None = None
+    stop_warming: threading.Event = field(default_factory=threading.Event)
 
     def now(self) -> datetime:
         return self.clock()
@@ -94,9 +97,27 @@ WORKER_THREADS = 8
 
 
 @asynccontextmanager
-async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
-    yield
+    ctx = app.state.kmodgate
+    # Right after a start every decision would read its kernel's facts, all at
+    # once under load: read them in the background instead, newest kernels
+    # first, while the first requests come in (benchmarks/web_load.py).
+    ctx.warming = threading.Thread(target=_warm_decisions, args=(ctx,), daemon=True,
+                                   name="kmodgate-warm-decisions")
+    ctx.warming.start()
+    try:
+        yield
+    finally:
+        ctx.stop_warming.set()
+        ctx.warming.join(timeout=10)
+
+
+def _warm_decisions(ctx: WebContext) -> None:
+    try:
+        ctx.gate.decision_cache.warm(ctx.now(), ctx.stop_warming)
+    except Exception as exc:  # only an optimisation: the requests gather for themselves
+        log.warning("decision cache warm-up stopped: %s: %s", type(exc).__name__, exc)
 
 
 def context(request: Request) -> WebContext:
